@@ -1,0 +1,152 @@
+"""The `segjax` command: train, eval, predict.
+
+    segjax train   --config configs/unet_shapes.py --workdir workdir/unet [--config.train.steps=100]
+    segjax eval    --workdir workdir/unet [--split test]
+    segjax predict --workdir workdir/unet --output out/ image1.png image2.jpg
+
+`eval` and `predict` read the run's <workdir>/config.json unless --config is
+given. Mistakes a user can make (paths, config keys, data, checkpoints) end
+with one message on stderr and exit status 2; nothing already saved is lost.
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # Before TensorFlow loads.
+
+from segjax.errors import CheckpointError, ConfigError, SegjaxError  # noqa: E402
+
+
+def _parser():
+  parser = argparse.ArgumentParser(
+      prog="segjax", description="Semantic and instance segmentation in JAX.",
+      epilog="Override any config key with --config.KEY=VALUE, e.g. "
+             "--config.train.steps=100.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--config", help="configs/<model>_<dataset>.py "
+                      "(default for eval/predict: <workdir>/config.json)")
+  common.add_argument("--workdir", help="run directory: config.json, "
+                      "metrics.jsonl, checkpoints/, tensorboard/")
+  common.add_argument("--coordinator_address", help="host:port of process 0 "
+                      "(multi-host; auto-detected on TPU pods and SLURM)")
+  common.add_argument("--num_processes", type=int)
+  common.add_argument("--process_id", type=int)
+  sub.add_parser("train", parents=[common], help="train (or resume) a model")
+  ev = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint")
+  ev.add_argument("--split", help="split to evaluate (default: eval.split)")
+  ev.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  pr = sub.add_parser("predict", parents=[common],
+                      help="colour-coded masks and overlays for image files")
+  pr.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+  pr.add_argument("--output", required=True, help="directory for the PNGs")
+  pr.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  return parser
+
+
+def _split_overrides(argv):
+  """Separates `--config.a.b=v` / `--config.a.b v` from the other arguments."""
+  rest, overrides = [], []
+  args = iter(argv)
+  for arg in args:
+    if arg.startswith("--config."):
+      if "=" not in arg:
+        value = next(args, None)
+        if value is None:
+          raise ConfigError(f"{arg} has no value; write {arg}=VALUE")
+        arg = f"{arg}={value}"
+      overrides.append(arg[len("--config."):])
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def _load(args, overrides, need_workdir=True):
+  from segjax import config as config_lib
+  if need_workdir and not args.workdir:
+    raise ConfigError("--workdir is required: the directory of the run")
+  path = args.config
+  if path is None:
+    path = os.path.join(args.workdir or "", "config.json")
+    if not os.path.isfile(path):
+      raise ConfigError(f"no --config given and {path} does not exist; pass "
+                        "--config configs/<file>.py or the workdir of a run")
+  return config_lib.load_config(path, overrides)
+
+
+def cmd_train(args, overrides):
+  from segjax.train import loop
+  config = _load(args, overrides)
+  result = loop.train(config, args.workdir)
+  if result is not None and _primary():
+    print(f"final validation mIoU: {result['miou']:.4f}")
+
+
+def cmd_eval(args, overrides):
+  from segjax.train import loop
+  from segjax.train.logger import MetricsWriter
+  config = _load(args, overrides)
+  trainer = loop.Trainer(config, args.workdir)
+  state, step = _restore(trainer, args.step)
+  split = args.split or config.eval.split
+  result = trainer.evaluate(state, split=split)
+  MetricsWriter(args.workdir, _primary(), tensorboard=False).write(step, split, result)
+  if _primary():
+    print(f"{split} at step {step}: mIoU {result['miou']:.4f} | pixel accuracy "
+          f"{result['pixel_accuracy']:.4f} | mean accuracy {result['mean_accuracy']:.4f}")
+    names = ", ".join("nan" if v != v else f"{v:.3f}" for v in result["per_class_iou"])
+    print(f"per-class IoU: {names}")
+
+
+def _restore(trainer, step):
+  if step is not None:
+    latest = trainer.checkpoints.all_steps()
+    if step not in latest:
+      raise CheckpointError(f"no checkpoint for step {step} in "
+                            f"{trainer.checkpoints.directory}; available: {latest or 'none'}")
+  if not trainer.checkpoints.all_steps():
+    raise CheckpointError(f"no checkpoint in {trainer.checkpoints.directory}; train "
+                          "first (segjax train) or pass the --workdir of a trained run")
+  state, restored_step = trainer.initial_state(step=step)
+  return state, restored_step
+
+
+def cmd_predict(args, overrides):
+  from segjax import inference
+  from segjax.train import loop
+  config = _load(args, overrides)
+  trainer = loop.Trainer(config, args.workdir)
+  state, step = _restore(trainer, args.step)
+  written = inference.predict_files(trainer, state, args.images, args.output)
+  print(f"wrote {len(written)} files for {len(args.images)} image(s) to "
+        f"{args.output} (checkpoint step {step})")
+
+
+def _primary():
+  import jax
+  return jax.process_index() == 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+    from segjax.train import parallel
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                    args.process_id)
+    COMMANDS[args.command](args, overrides)
+  except SegjaxError as e:
+    print(f"segjax {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+    return e.exit_code
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

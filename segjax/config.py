@@ -1,0 +1,163 @@
+"""Experiment configs: load a `configs/*.py` file, apply overrides, validate.
+
+A config file defines `get_config()` returning an `ml_collections.ConfigDict`
+(big_vision style: plain Python, no inheritance chains). Overrides come from
+the command line as `--config.train.steps=100`; each must name a key that
+exists, and its value is parsed to that key's type.
+"""
+import ast
+import difflib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from segjax.errors import ConfigError
+
+# Keys every trainer config has (DESIGN.md). Missing ones are reported at once.
+REQUIRED_KEYS = (
+    "seed", "model", "model_kwargs", "dataset", "data_dir", "num_classes",
+    "image_size", "train.steps", "train.batch_size", "train.log_every_steps",
+    "optimizer.name", "optimizer.learning_rate", "optimizer.schedule",
+    "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.momentum",
+    "eval.every_steps", "eval.batch_size", "eval.split",
+    "checkpoint.every_steps", "checkpoint.keep", "parallel.mode", "dtype",
+    "init_from",
+)
+
+
+def load_config(path, overrides=()):
+  """Loads `path` (a configs/*.py file or a workdir's config.json).
+
+  Args:
+    path: file path; `.py` files must define `get_config()`, optionally
+      taking one string argument given as `path:arg`.
+    overrides: iterable of "a.b=value" strings.
+
+  Returns:
+    A validated, unlocked `ml_collections.ConfigDict`.
+  """
+  path, _, arg = str(path).partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(
+        f"config file {path!r} does not exist; pass --config with the path of "
+        "a file in configs/, e.g. --config configs/unet_shapes.py")
+  if path.endswith(".json"):
+    with open(path) as f:
+      try:
+        config = ml_collections.ConfigDict(json.load(f))
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"config {path!r} is not valid JSON ({e}); fix or "
+                          "delete it and pass --config configs/<file>.py") from e
+  else:
+    config = _load_py(path, arg)
+  apply_overrides(config, overrides)
+  validate(config)
+  return config
+
+
+def _load_py(path, arg):
+  spec = importlib.util.spec_from_file_location("segjax_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # The user's file: report it as theirs, not ours.
+    raise ConfigError(f"config file {path!r} failed to load: "
+                      f"{type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config(); add "
+                      "`def get_config(): ...` returning a ConfigDict")
+  config = module.get_config(arg) if arg else module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"get_config() in {path!r} returned "
+                      f"{type(config).__name__}, not an ml_collections.ConfigDict")
+  return config
+
+
+def apply_overrides(config, overrides):
+  """Sets `a.b=value` overrides in place; unknown keys raise ConfigError."""
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    key = key.strip().removeprefix("--").removeprefix("config.")
+    if not sep:
+      raise ConfigError(f"override {item!r} has no value; write it as "
+                        f"--config.{key}=VALUE")
+    parent, name = _parent(config, key)
+    old = parent[name]
+    parent[name] = _parse(text, old, key)
+
+
+def _parent(config, key):
+  """Returns (dict holding the last part of `key`, last part)."""
+  parts = key.split(".")
+  node = config
+  for depth, part in enumerate(parts):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      here = ".".join(parts[:depth]) or "the config"
+      options = list(node.keys()) if hasattr(node, "keys") else []
+      close = difflib.get_close_matches(part, options, n=3)
+      hint = (f"; did you mean {', '.join(close)}?" if close else
+              f"; keys of {here}: {', '.join(sorted(options))}" if options else "")
+      raise ConfigError(f"config key {key!r} does not exist{hint}")
+    if depth < len(parts) - 1:
+      node = node[part]
+  return node, parts[-1]
+
+
+def _parse(text, old, key):
+  """Parses `text` to the type of the value it replaces."""
+  if isinstance(old, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if old is None:  # A None default accepts a plain string (e.g. a path).
+      return text
+    raise ConfigError(f"cannot parse --config.{key}={text!r}; give a Python "
+                      f"literal of type {type(old).__name__}") from None
+  if old is None or isinstance(value, type(old)):
+    return value
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+    return type(old)(value)
+  raise ConfigError(f"--config.{key}={text!r} has type {type(value).__name__}, "
+                    f"but {key} expects {type(old).__name__}")
+
+
+def validate(config):
+  """Checks the keys and values every trainer config needs."""
+  missing = []
+  for key in REQUIRED_KEYS:
+    try:
+      _parent(config, key)
+    except ConfigError:
+      missing.append(key)
+  if missing:
+    raise ConfigError(f"config is missing required keys: {', '.join(missing)}")
+  _check(config.num_classes >= 1, "num_classes must be >= 1")
+  _check(config.train.steps >= 0, "train.steps must be >= 0")
+  _check(config.train.batch_size >= 1, "train.batch_size must be >= 1")
+  _check(config.parallel.mode in ("jit", "pmap"),
+         f"parallel.mode is {config.parallel.mode!r}; use 'jit' or 'pmap'")
+  _check(config.dtype in ("float32", "bfloat16", "float16"),
+         f"dtype is {config.dtype!r}; use 'float32' or 'bfloat16'")
+  _check(config.optimizer.name in ("sgd", "adamw", "adam"),
+         f"optimizer.name is {config.optimizer.name!r}; use 'sgd' or 'adamw'")
+  _check(config.optimizer.schedule in ("constant", "poly", "cosine"),
+         f"optimizer.schedule is {config.optimizer.schedule!r}; use 'constant', "
+         "'poly' or 'cosine'")
+  for key in ("eval.every_steps", "checkpoint.every_steps", "train.log_every_steps"):
+    parent, name = _parent(config, key)
+    _check(parent[name] >= 1, f"{key} must be >= 1")
+
+
+def _check(ok, message):
+  if not ok:
+    raise ConfigError(message)
+
+
+def to_json(config):
+  """The resolved config as JSON text (written to <workdir>/config.json)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

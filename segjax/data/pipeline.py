@@ -1,0 +1,203 @@
+"""tfds -> tf.data -> host-local numpy batches (-> global jax.Arrays).
+
+Training stream. The split is cut into `S` shards with `tfds.even_splits`
+(S = `data.num_shards`, default one per process, which is exactly
+`tfds.split_for_jax_process`). Each host reads its S/P shards. Each shard is
+an endless sequence of epochs, each epoch a fresh shuffle seeded by
+(seed, shard, epoch); example number i of a shard's sequence is augmented with
+the stateless seed (seed, shard, i). The global batch of step t is the
+concatenation over shards of the examples t*b ... t*b+b-1 (b = B/S) of each
+shard. Hence:
+  * the stream is a pure function of (seed, step): a run restarted at step k
+    skips straight to epoch k*b // n and position k*b % n in it and sees
+    the same batches as a run that never stopped;
+  * with a fixed S the batches do not depend on how many hosts read them, so
+    2 processes x 2 devices train exactly like 1 process x 4 devices.
+
+Evaluation stream. Each host reads `tfds.split_for_jax_process(split)`, pads
+its part with masked-out examples to the same number of batches as every
+other host, and each batch carries `mask` [B] (1 = real example), so each
+example is counted exactly once on any number of hosts and devices.
+"""
+import math
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from segjax.data import transforms
+from segjax.data.builders import load_builder
+from segjax.errors import ConfigError, DataError
+
+IGNORE = 255
+# Offsets that keep the shuffle and augmentation seed streams apart.
+_SHUFFLE_SALT, _AUGMENT_SALT = 0x5EED, 0xA46
+
+
+def _process(process_index, process_count):
+  import jax
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+def semantic_example(example):
+  """tfds features -> {"image": uint8 [H,W,3], "label": int32 [H,W]}."""
+  label = example["segmentation_mask"]
+  if label.shape.rank == 3:
+    label = label[..., 0]
+  return {"image": example["image"], "label": tf.cast(label, tf.int32)}
+
+
+def _num_examples(builder, split):
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as e:
+    raise DataError(f"dataset {builder.name} has no split {split!r} "
+                    f"(its splits: {', '.join(builder.info.splits.keys())}); set "
+                    "eval.split or the training split in the config") from e
+
+
+def train_batches(config, start_step=0, process_index=None, process_count=None,
+                  split="train"):
+  """Yields the host-local training batches of steps start_step, start_step+1, ...
+
+  Args:
+    config: the experiment config (dataset, data_dir, seed, image_size,
+      train.batch_size, augment.*, data.*, loss.name).
+    start_step: first step to produce (resuming skips without reading).
+
+  Yields:
+    dict of numpy arrays: "image" float32 [B/P, h, w, 3] normalised,
+    "label" int32 [B/P, h, w] (255 = ignore), and "weight" float32 [B/P, h, w]
+    when the loss is "unet_weighted".
+  """
+  index, count = _process(process_index, process_count)
+  num_shards = config.data.get("num_shards", 0) or count
+  batch = config.train.batch_size
+  if num_shards % count or batch % num_shards:
+    raise ConfigError(
+        f"data.num_shards={num_shards} must be a multiple of the number of "
+        f"processes ({count}) and divide train.batch_size={batch}")
+  per_shard = batch // num_shards
+  builder = load_builder(config.dataset, config.data_dir)
+  shards_per_host = num_shards // count
+  host_shards = range(index * shards_per_host, (index + 1) * shards_per_host)
+  splits = tfds.even_splits(split, n=num_shards, drop_remainder=False)
+  streams = [_shard_stream(config, builder, splits[s], s, per_shard, start_step)
+             for s in host_shards]
+  ds = tf.data.Dataset.zip(tuple(streams)).map(
+      lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
+  ds = ds.prefetch(config.data.get("prefetch", 2))
+  for host_batch in ds.as_numpy_iterator():
+    check_labels(host_batch["label"], config.num_classes, config.dataset)
+    yield host_batch
+
+
+def _shard_stream(config, builder, split, shard, per_shard, start_step):
+  n = _num_examples(builder, split)
+  if n == 0:
+    raise DataError(f"training split {split!r} of {builder.name} is empty; "
+                    "check the dataset files or the data_dir")
+  base = builder.as_dataset(split=split, shuffle_files=False,
+                            read_config=tfds.ReadConfig(try_autocache=False))
+  base = base.map(semantic_example, num_parallel_calls=tf.data.AUTOTUNE)
+  if n <= config.data.get("cache_below", 4096):
+    base = base.cache()  # Small splits: decode once, not every epoch.
+  buffer = min(n, config.data.get("shuffle_buffer", 2048))
+  seed = config.seed
+
+  def epoch(e):
+    shuffle_seed = (seed * 1_000_003 + shard) * 1_000_003 + e + _SHUFFLE_SALT
+    return base.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+
+  first = start_step * per_shard
+  first_epoch, offset = divmod(first, n)
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(offset)
+  ds = ds.enumerate(start=first)
+  crop = tuple(config.image_size)
+  aug = config.augment
+  weighted = config.loss.name == "unet_weighted"
+  loss_kwargs = dict(config.loss.get("kwargs", {}))
+
+  def augment(i, example):
+    example_seed = tf.stack([tf.constant(seed * 7919 + shard + _AUGMENT_SALT, tf.int64), i])
+    out = transforms.train_transform(
+        example, example_seed, crop_size=crop, scale_range=tuple(aug.scale_range),
+        flip=aug.flip, photometric=aug.photometric, mean=tuple(aug.mean),
+        std=tuple(aug.std))
+    if weighted:
+      out["weight"] = _unet_weights(out["label"], loss_kwargs)
+    return out
+
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE).with_options(options)
+  return ds.batch(per_shard, drop_remainder=True)
+
+
+def _unet_weights(label, kwargs):
+  """The U-Net paper's border weight map, computed on the host with scipy."""
+  from segjax import losses
+
+  def fn(lab):
+    return losses.unet_weight_map(lab, **{k: v for k, v in kwargs.items()
+                                          if k in ("w0", "sigma", "class_weights")})
+  weight = tf.numpy_function(fn, [label], tf.float32)
+  weight.set_shape(label.shape)
+  return weight
+
+
+def eval_batches(config, process_index=None, process_count=None, split=None,
+                 local_devices=1):
+  """Yields the host-local evaluation batches, padded, with a "mask".
+
+  The per-host batch is eval.batch_size / P rounded up to a multiple of
+  `local_devices`. Every host yields the same number of batches.
+
+  Yields:
+    dict: "image" float32 [b,h,w,3], "label" int32 [b,h,w], "mask" int32 [b].
+  """
+  index, count = _process(process_index, process_count)
+  split = split or config.eval.split
+  builder = load_builder(config.dataset, config.data_dir)
+  host_splits = tfds.even_splits(split, n=count, drop_remainder=False)
+  sizes = [_num_examples(builder, s) for s in host_splits]
+  if sum(sizes) == 0:
+    raise DataError(f"evaluation split {split!r} of {builder.name} is empty; "
+                    "check the dataset files or set eval.split")
+  per_host = math.ceil(config.eval.batch_size / count / local_devices) * local_devices
+  num_batches = math.ceil(max(sizes) / per_host)
+  aug = config.augment
+  size = tuple(config.eval.get("image_size") or ()) or None
+
+  def prepare(example):
+    out = transforms.eval_transform(example, pad_size=size, mean=tuple(aug.mean),
+                                    std=tuple(aug.std))
+    out["mask"] = tf.constant(1, tf.int32)
+    return out
+
+  host_split = tfds.split_for_jax_process(split, process_index=index,
+                                          process_count=count)
+  ds = builder.as_dataset(split=host_split, shuffle_files=False)
+  ds = ds.map(semantic_example).map(prepare)
+  padding = num_batches * per_host - sizes[index]
+  if padding:
+    blank = tf.data.Dataset.from_tensors(
+        {k: tf.zeros_like(v) if k != "label" else tf.fill(tf.shape(v), IGNORE)
+         for k, v in next(iter(ds.take(1))).items()})
+    ds = ds.concatenate(blank.repeat(padding))
+  for host_batch in ds.batch(per_host).as_numpy_iterator():
+    check_labels(host_batch["label"], config.num_classes, config.dataset)
+    yield host_batch
+
+
+def check_labels(labels, num_classes, dataset):
+  """Raises DataError for label values outside [0, num_classes) other than 255."""
+  bad = (labels != IGNORE) & ((labels < 0) | (labels >= num_classes))
+  if bad.any():
+    values = np.unique(labels[bad])[:10].tolist()
+    raise DataError(
+        f"dataset {dataset} has label values {values} outside [0, {num_classes}) "
+        f"(255 = ignore is allowed); set num_classes to cover them or remap the "
+        "labels when building the dataset")
+

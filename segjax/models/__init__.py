@@ -1,0 +1,74 @@
+"""The model registry: a plain dict from name to Flax module constructor.
+
+  model = segjax.models.build("unet", num_classes=21, base_width=32)
+  variables = model.init(rng, images, train=False)
+  outputs = model.apply(variables, images, train=False)  # {"logits": ...}
+
+Every semantic model follows the same contract (DESIGN.md, "Modules"): called
+as `model.apply(variables, images [N, H, W, 3], train=...)`, it returns a dict
+with "logits" [N, H, W, num_classes] float32 at the input resolution, plus
+optional extra heads. tests/models/test_contract.py checks every entry here.
+
+To add a model, import its module and add one line to MODELS; size variants
+are `functools.partial`s of the same class.
+"""
+import inspect
+from typing import Any, Callable, Dict
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from segjax.errors import ConfigError
+from segjax.models import unet
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "unet": unet.UNet,
+}
+
+
+def available() -> list:
+  """Sorted names `build` accepts."""
+  return sorted(MODELS)
+
+
+def _options(constructor: Callable[..., Any]) -> tuple:
+  """Keyword arguments the constructor takes, or None if it takes **kwargs."""
+  params = inspect.signature(constructor).parameters.values()
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    return None
+  return tuple(p.name for p in params if p.name not in ("parent", "name"))
+
+
+def build(name: str, num_classes: int, **kwargs) -> nn.Module:
+  """Constructs the model registered as `name`.
+
+  Args:
+    name: a key of MODELS.
+    num_classes: number of output classes.
+    **kwargs: the model's options, e.g. base_width=32 for "unet". A string
+      `dtype` ("bfloat16", "float32"), as configs hold it, becomes a dtype.
+
+  Returns:
+    An unbound flax.linen Module.
+
+  Raises:
+    ConfigError: for an unknown name or option, or an invalid option value.
+  """
+  if name not in MODELS:
+    raise ConfigError(f"unknown model {name!r}; valid models are: "
+                      f"{', '.join(available())}.")
+  constructor = MODELS[name]
+  options = _options(constructor)
+  if options is not None:
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+      raise ConfigError(
+          f"model {name!r} has no option(s) {', '.join(unknown)}; its options "
+          f"are: {', '.join(o for o in options if o != 'num_classes')}.")
+  if isinstance(kwargs.get("dtype"), str):
+    try:
+      kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    except TypeError as e:
+      raise ConfigError(f"model {name!r}: dtype={kwargs['dtype']!r} is not a "
+                        "dtype; use e.g. 'float32' or 'bfloat16'.") from e
+  return constructor(num_classes=num_classes, **kwargs)

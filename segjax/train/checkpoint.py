@@ -1,0 +1,205 @@
+"""Checkpoints: an orbax CheckpointManager in <workdir>/checkpoints.
+
+Each checkpoint is `<workdir>/checkpoints/<step>/` with one item, `state`
+(the TrainState as a dict pytree). Orbax writes a step into a temporary
+directory and renames it when complete, so a run killed mid-write leaves the
+previous checkpoints untouched; `keep` old steps are deleted only after a
+newer one is finalised. Restoring walks back from the newest step past any
+checkpoint that cannot be read, naming it, and never deletes it.
+"""
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from segjax.errors import CheckpointError
+
+ITEM = "state"
+
+
+class Checkpoints:
+  """Saves and restores the train state of one workdir.
+
+  Args:
+    directory: the checkpoints directory (created if missing).
+    every_steps: periodic save cadence; `save(..., force=True)` saves anyway.
+    keep: number of most recent checkpoints kept.
+    async_save: write in a background thread while training goes on.
+  """
+
+  def __init__(self, directory, every_steps=1000, keep=3, async_save=True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every_steps, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save,
+        # Temporary dirs of writes cut short by a kill are removed at start.
+        cleanup_tmp_directories=True)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_names=(ITEM,))
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"cannot open checkpoint directory {self.directory}: "
+                            f"{e}; check the --workdir path and its permissions") from e
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step, tree, force=False):
+    """Starts saving `tree` at `step` if due (or forced); returns whether it did."""
+    if step in self.manager.all_steps():
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(
+        **{ITEM: ocp.args.StandardSave(tree)}), force=force)
+
+  def restore(self, target, step=None):
+    """Restores the newest readable checkpoint (or exactly `step`).
+
+    Args:
+      target: pytree of arrays or jax.ShapeDtypeStruct giving the structure,
+        shapes, dtypes and shardings to restore into.
+      step: a specific step, or None for the newest one that can be read.
+
+    Returns:
+      (restored tree, step), or (None, None) when there is no checkpoint.
+    """
+    steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
+                              f"available steps: {steps or 'none'}")
+      return self._restore_step(target, step), step
+    for candidate in reversed(steps):
+      try:
+        return self._restore_step(target, candidate), candidate
+      except CheckpointError as e:
+        if _is_mismatch(e):
+          raise
+        logging.warning("%s; falling back to the previous checkpoint. The bad "
+                        "one is left in place for inspection.", e)
+    if steps:
+      raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} "
+                            "could be read; move the directory away to start "
+                            "afresh, or point --workdir elsewhere")
+    return None, None
+
+  def _restore_step(self, target, step):
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    path = os.path.join(self.directory, str(step))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          **{ITEM: ocp.args.StandardRestore(abstract)}))
+    except Exception as e:  # orbax/tensorstore raise many types on bad files.
+      mismatch = _describe_mismatch(self.manager, step, abstract)
+      if mismatch:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: {mismatch}. It was "
+            "written by a different model or num_classes; use another --workdir "
+            "or the config it was trained with") from e
+      raise CheckpointError(f"checkpoint {path} is unreadable or corrupt "
+                            f"({type(e).__name__}: {str(e)[:200]})") from e
+    return restored[ITEM]
+
+  def reached_preemption(self, step):
+    """True on every host once a preemption notice has been agreed at `step`."""
+    return self.manager.reached_preemption(step)
+
+  def wait(self):
+    """Blocks until the background save (if any) is finished."""
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def _is_mismatch(error):
+  return "does not fit this model" in str(error)
+
+
+def _describe_mismatch(manager, step, abstract):
+  """Names parameters whose saved shape differs from the target's, if any."""
+  try:
+    meta = manager.item_metadata(step)[ITEM]
+  except Exception:  # Metadata itself unreadable: a corrupt checkpoint.
+    return ""
+  if meta is None:
+    return ""
+  saved = _flat_shapes(meta)
+  wanted = _flat_shapes(abstract)
+  problems = []
+  for name in sorted(set(saved) | set(wanted)):
+    if name not in saved:
+      problems.append(f"{name} missing from the checkpoint")
+    elif name not in wanted:
+      problems.append(f"{name} not in the model")
+    elif saved[name] != wanted[name]:
+      problems.append(f"{name} has shape {saved[name]} in the checkpoint, "
+                      f"{wanted[name]} in the model")
+  if len(problems) > 8:
+    problems = problems[:8] + [f"and {len(problems) - 8} more"]
+  return "; ".join(problems)
+
+
+def _flat_shapes(tree):
+  flat = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in flat}
+
+
+def load_init(path, state):
+  """Starts `state` from the weights in `path` (config.init_from).
+
+  `path` is a segjax workdir, its checkpoints directory, or one step
+  directory (e.g. written by `segjax convert`). Parameters and BatchNorm
+  statistics present in both are taken from the checkpoint (shapes must
+  agree); those only in the model (a new head) keep their initial values.
+  The optimizer state and step start afresh.
+  """
+  step_dir = _find_step_dir(path)
+  try:
+    restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, ITEM))
+  except Exception as e:
+    raise CheckpointError(f"init_from checkpoint {step_dir} is unreadable "
+                          f"({type(e).__name__}: {str(e)[:200]}); check the path "
+                          "or re-create it with `segjax convert`") from e
+  new = {}
+  for key in ("params", "batch_stats"):
+    new[key] = _overlay(getattr(state, key), restored.get(key, {}), key, step_dir)
+  return state.replace(**new)
+
+
+def _find_step_dir(path):
+  path = os.path.abspath(os.path.expanduser(str(path)))
+  if os.path.isdir(os.path.join(path, ITEM)):
+    return path
+  for root in (os.path.join(path, "checkpoints"), path):
+    if os.path.isdir(root):
+      steps = sorted(int(d) for d in os.listdir(root) if d.isdigit())
+      if steps:
+        return os.path.join(root, str(steps[-1]))
+  raise CheckpointError(f"init_from={path!r} holds no checkpoint; give a workdir, "
+                        "its checkpoints/ directory or one checkpoint step directory")
+
+
+def _overlay(initial, loaded, name, where):
+  """`initial` with every leaf that `loaded` also has replaced by its value."""
+  keyed = lambda tree: [(jax.tree_util.keystr(p), v)
+                        for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  init_items = keyed(initial)
+  loaded_items = dict(keyed(loaded))
+  bad = [f"{k}: checkpoint {tuple(loaded_items[k].shape)} vs model {tuple(v.shape)}"
+         for k, v in init_items
+         if k in loaded_items and tuple(loaded_items[k].shape) != tuple(v.shape)]
+  if bad:
+    raise CheckpointError(f"init_from {where}: {name} shapes differ: " + "; ".join(bad[:8]))
+  unused = set(loaded_items) - {k for k, _ in init_items}
+  if unused:
+    raise CheckpointError(f"init_from {where}: {name} in the checkpoint that the "
+                          f"model lacks: {', '.join(sorted(unused)[:8])}")
+  leaves = [np.asarray(loaded_items.get(k, v)).astype(v.dtype) for k, v in init_items]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(initial), leaves)

@@ -1,0 +1,234 @@
+"""The training loop: data, compiled steps, logging, evaluation, checkpoints.
+
+`train(config, workdir)` resumes from the newest readable checkpoint in
+<workdir>/checkpoints, trains to `train.steps`, evaluates every
+`eval.every_steps` and at the end, and saves every `checkpoint.every_steps`,
+at the end, and when preempted (SIGTERM). Metrics are fetched from the
+devices only every `train.log_every_steps`, so steps are dispatched without a
+host sync in between.
+"""
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+
+from segjax import config as config_lib
+from segjax import losses, metrics, models
+from segjax.data import pipeline
+from segjax.errors import ConfigError, TrainingError
+from segjax.train import checkpoint as ckpt_lib
+from segjax.train import optim, parallel, steps
+from segjax.train.logger import MetricsWriter, Progress
+from segjax.train.state import TrainState, init_state
+
+
+def build_model(config, axis_name=None):
+  """The config's model, with compute dtype and (pmap) BatchNorm axis name."""
+  import jax.numpy as jnp
+  kwargs = dict(config.model_kwargs)
+  kwargs["dtype"] = getattr(jnp, config.dtype)
+  if axis_name:
+    kwargs["bn_axis_name"] = axis_name
+  return models.build(config.model, num_classes=config.num_classes, **kwargs)
+
+
+class Trainer:
+  """Holds the compiled steps and the state of one run (also used by eval)."""
+
+  def __init__(self, config, workdir, devices=None):
+    self.config = config
+    self.workdir = workdir
+    self.par = parallel.Parallel(config.parallel.mode, parallel.make_mesh(devices))
+    self.primary = jax.process_index() == 0
+    self.model = build_model(config, self.par.axis_name)
+    self.tx, self.schedule = optim.make_optimizer(config.optimizer, config.train.steps)
+    self.checkpoints = ckpt_lib.Checkpoints(
+        os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
+        config.checkpoint.keep)
+    self.rng = jax.random.PRNGKey(config.seed)
+    self._train_fn = None
+    self._eval_fn = None
+
+  # --- state ---------------------------------------------------------------
+  def initial_state(self, step=None):
+    """Fresh state (or `init_from` weights), then the newest checkpoint if any.
+
+    Args:
+      step: restore exactly this checkpoint step instead of the newest.
+
+    Returns:
+      (device state, step it starts from).
+    """
+    image_shape = (*self.config.image_size, 3)
+    init = jax.jit(init_state, static_argnums=(0, 1, 3))
+    host = init(self.model, self.tx, jax.random.fold_in(self.rng, 1), image_shape)
+    host = jax.device_get(host)
+    if self.config.init_from:
+      host = ckpt_lib.load_init(self.config.init_from, host)
+    # Under jit the restore target carries the replicated sharding.
+    target = host.to_dict()
+    if self.par.mode == "jit":
+      target = self.par.put_state(target)
+    restored, step = self.checkpoints.restore(target, step=step)
+    if restored is None:
+      return self.par.put_state(host), 0
+    state = TrainState(**restored)
+    if self.par.mode == "jit":
+      return state, int(step)
+    return self.par.put_state(jax.device_get(state)), int(step)
+
+  def save(self, state, force=False):
+    step = int(self.par.fetch(state.step))
+    return self.checkpoints.save(step, self.par.host_state(state).to_dict(), force=force)
+
+  # --- compiled steps ------------------------------------------------------
+  @property
+  def train_fn(self):
+    if self._train_fn is None:
+      loss_fn = losses.make_loss(self.config.loss)
+      self._train_fn = self.par.compile(
+          steps.train_step, donate_first=True, model=self.model, tx=self.tx,
+          loss_fn=loss_fn, schedule=self.schedule)
+    return self._train_fn
+
+  @property
+  def eval_fn(self):
+    if self._eval_fn is None:
+      self._eval_fn = self.par.compile(
+          steps.eval_step, model=self.model, num_classes=self.config.num_classes)
+    return self._eval_fn
+
+  def evaluate(self, state, split=None):
+    """Confusion matrix over the whole split -> `metrics.scores` dict."""
+    confusion = self.par.put_replicated(parallel.zeros_confusion(self.config.num_classes))
+    for batch in pipeline.eval_batches(self.config, split=split,
+                                       local_devices=len(self.par.local_devices)):
+      confusion = self.eval_fn(state, self.par.put_batch(batch), confusion)
+    cm = self.par.fetch(confusion)
+    result = metrics.scores(cm)
+    result["num_pixels"] = int(cm.sum())
+    return result
+
+
+def train(config, workdir):
+  """Runs (or resumes) training; returns the final evaluation scores.
+
+  Raises:
+    TrainingError: the loss or gradient became non-finite (policy "stop", or
+      more than `train.max_nonfinite_steps` skipped steps under "skip").
+  """
+  os.makedirs(workdir, exist_ok=True)
+  devices = jax.device_count()
+  if config.train.batch_size % devices:
+    raise ConfigError(f"train.batch_size={config.train.batch_size} is not a multiple "
+                      f"of the {devices} devices; change --config.train.batch_size")
+  trainer = Trainer(config, workdir)
+  progress = Progress(config.train.steps, trainer.primary)
+  if trainer.primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(config))
+  writer = MetricsWriter(workdir, trainer.primary)
+  state, start = trainer.initial_state()
+  if start:
+    progress.print(f"resuming from checkpoint at step {start}")
+  preempted = _PreemptionFlag(single_process=jax.process_count() == 1)
+  rng = trainer.par.put_replicated(trainer.rng)
+  total = config.train.steps
+  batches = pipeline.train_batches(config, start_step=start)
+  pending, tick, last_log = [], time.time(), start
+  result = None
+  try:
+    for step in range(start, total):
+      state, step_metrics = trainer.train_fn(state, trainer.par.put_batch(next(batches)), rng)
+      pending.append(step_metrics)
+      done = step + 1
+      if done % config.train.log_every_steps == 0 or done == total:
+        values = _summarise(trainer, state, pending)
+        values["images_per_sec"] = (done - last_log) * config.train.batch_size / (
+            time.time() - tick)
+        pending, tick, last_log = [], time.time(), done
+        writer.write(done, "train", values)
+        progress.line(done, values)
+      if done % config.eval.every_steps == 0 and done != total:
+        result = _evaluate(trainer, state, done, writer, progress)
+      if done % config.checkpoint.every_steps == 0:
+        _check_finite(trainer, state, config)
+        trainer.save(state)
+      if preempted(trainer.checkpoints, done):
+        _check_finite(trainer, state, config)
+        trainer.save(state, force=True)
+        trainer.checkpoints.wait()
+        progress.print(f"preempted: saved checkpoint at step {done}; exiting")
+        return None
+    _check_finite(trainer, state, config)
+    result = _evaluate(trainer, state, total, writer, progress)
+    trainer.save(state, force=True)
+    return result
+  finally:
+    trainer.checkpoints.wait()
+    trainer.checkpoints.close()
+    writer.close()
+    preempted.restore()
+
+
+def _summarise(trainer, state, pending):
+  """Means of the pending step metrics (one device->host transfer)."""
+  fetched = trainer.par.fetch(pending)
+  values = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  values.pop("finite")
+  _check_finite(trainer, state, trainer.config)
+  return values
+
+
+def _check_finite(trainer, state, config):
+  nonfinite = int(trainer.par.fetch(state.nonfinite))
+  if not nonfinite:
+    return
+  policy = config.train.get("nan_policy", "stop")
+  limit = config.train.get("max_nonfinite_steps", 0)
+  if policy == "skip" and nonfinite <= limit:
+    return
+  last = trainer.checkpoints.latest_step()
+  raise TrainingError(
+      f"the loss or gradient became NaN/Inf ({nonfinite} step(s) so far); the "
+      f"last good checkpoint (step {last}) is intact. Lower "
+      "optimizer.learning_rate, enable optimizer.grad_clip_norm, check the data, "
+      "or set train.nan_policy='skip' to skip such steps")
+
+
+def _evaluate(trainer, state, step, writer, progress):
+  started = time.time()
+  result = trainer.evaluate(state)
+  writer.write(step, trainer.config.eval.split, result)
+  progress.print(f"eval {trainer.config.eval.split} at step {step}: "
+                 f"mIoU {result['miou']:.4f} | pixel acc {result['pixel_accuracy']:.4f}"
+                 f" | {time.time() - started:.1f}s")
+  return result
+
+
+class _PreemptionFlag:
+  """SIGTERM -> save and stop at an agreed step.
+
+  One process: our own handler sets a flag. Several: JAX's preemption sync
+  manager catches SIGTERM and orbax's `reached_preemption` makes every host
+  stop at the same step.
+  """
+
+  def __init__(self, single_process):
+    self.single = single_process
+    self.flag = threading.Event()
+    self.previous = None
+    if single_process and threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
+
+  def __call__(self, checkpoints, step):
+    if self.single:
+      return self.flag.is_set()
+    return checkpoints.reached_preemption(step)
+
+  def restore(self):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)

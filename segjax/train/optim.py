@@ -1,0 +1,57 @@
+"""optax optimizers and learning-rate schedules built from the config."""
+import jax
+import optax
+
+from segjax.errors import ConfigError
+
+
+def make_schedule(opt, total_steps):
+  """Learning rate per step: linear warmup, then constant, poly or cosine.
+
+  `poly` is DeepLab's lr * (1 - t/T)^power; `cosine` decays to
+  lr * end_factor. Both count t from the end of the warmup.
+  """
+  lr = opt.learning_rate
+  warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup, 1)
+  end = lr * opt.get("end_factor", 0.0)
+  if opt.schedule == "constant":
+    main = optax.constant_schedule(lr)
+  elif opt.schedule == "poly":
+    main = optax.polynomial_schedule(lr, end, opt.get("poly_power", 0.9), decay_steps)
+  elif opt.schedule == "cosine":
+    main = optax.cosine_decay_schedule(lr, decay_steps, alpha=opt.get("end_factor", 0.0))
+  else:
+    raise ConfigError(f"optimizer.schedule {opt.schedule!r} is unknown; use "
+                      "'constant', 'poly' or 'cosine'")
+  if warmup == 0:
+    return main
+  return optax.join_schedules(
+      [optax.linear_schedule(lr / warmup, lr, warmup), main], [warmup])
+
+
+def make_optimizer(opt, total_steps):
+  """Returns (optax transformation, schedule) for `config.optimizer`.
+
+  Weight decay is decoupled for AdamW and L2-added-to-gradient for SGD (as
+  in the papers' Caffe/PyTorch recipes); it skips 1-D parameters (biases,
+  norm scales) in both, the common practice.
+  """
+  schedule = make_schedule(opt, total_steps)
+  if opt.name == "sgd":
+    core = optax.chain(
+        optax.add_decayed_weights(opt.weight_decay, mask=_matrices_only),
+        optax.sgd(schedule, momentum=opt.momentum or None))
+  elif opt.name in ("adamw", "adam"):
+    wd = opt.weight_decay if opt.name == "adamw" else 0.0
+    core = optax.adamw(schedule, weight_decay=wd, mask=_matrices_only)
+  else:
+    raise ConfigError(f"optimizer.name {opt.name!r} is unknown; use 'sgd' or 'adamw'")
+  clip = opt.get("grad_clip_norm", 0.0)
+  tx = optax.chain(optax.clip_by_global_norm(clip), core) if clip else core
+  return tx, schedule
+
+
+def _matrices_only(params):
+  """Weight-decay mask: True for kernels, False for biases and norm scales."""
+  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)

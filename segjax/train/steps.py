@@ -1,0 +1,102 @@
+"""train_step and eval_step: pure top-level functions.
+
+Both are compiled by `segjax.train.parallel` either with `jax.jit` over a
+device mesh (default: arrays are global, so means, gradients and BatchNorm
+statistics are global without any collective in this file) or with
+`jax.pmap` (`axis_name` set: the few cross-device reductions below become
+explicit `psum`s over that axis).
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from segjax import metrics
+
+
+def _psum(x, axis_name):
+  return jax.lax.psum(x, axis_name) if axis_name else x
+
+
+def train_step(state, batch, rng, *, model, tx, loss_fn, schedule,
+               ignore_index=255, axis_name=None):
+  """One optimizer update.
+
+  Args:
+    state: TrainState.
+    batch: dict with "image" [B,H,W,3] float32, "label" [B,H,W] int32
+      (255 = ignore) and optionally "weight" [B,H,W] float32 pixel weights.
+    rng: PRNG key shared by all steps; folded with the step for dropout.
+    model, tx, loss_fn, schedule: static pieces (bound with functools.partial).
+      `loss_fn(outputs, batch)` returns the mean loss over valid pixels.
+    axis_name: pmap axis name, or None under jit.
+
+  Returns:
+    (new state, metrics dict of float32 scalars: loss, grad_norm,
+    learning_rate, finite).
+  """
+  dropout_rng = jax.random.fold_in(rng, state.step)
+  if axis_name:  # Different dropout masks on each device, as under jit.
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+
+  # Under pmap each device sees part of the batch. Weighting its mean loss by
+  # its share of valid pixels makes the psum of gradients equal the gradient
+  # of the global mean, exactly what jit computes over the whole batch.
+  valid = jnp.sum((batch["label"] != ignore_index).astype(jnp.float32))
+  share = valid / jnp.maximum(_psum(valid, axis_name), 1.0) if axis_name else 1.0
+
+  def objective(params):
+    outputs, new_vars = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+        train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+    loss = loss_fn(outputs, batch)
+    return loss * share, (loss, new_vars.get("batch_stats", {}))
+
+  grads, (loss, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+  grads = _psum(grads, axis_name)
+  loss = _psum(loss * share, axis_name)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  # A NaN/Inf step changes nothing but the counters; the loop reads the
+  # counter at its logging cadence, so there is no host sync per step.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree_util.tree_map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
+  step_metrics = dict(loss=loss, grad_norm=grad_norm,
+                      learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+                      finite=finite.astype(jnp.float32))
+  return new_state, step_metrics
+
+
+def eval_step(state, batch, confusion, *, model, num_classes, ignore_index=255,
+              axis_name=None):
+  """Adds one batch to the running confusion matrix.
+
+  Args:
+    state: TrainState.
+    batch: dict with "image" [B,H,W,3], "label" [B,H,W] int32 and "mask" [B]
+      (1 for real examples, 0 for the padding that fills the last batch).
+    confusion: [K, K] int32 running confusion matrix (rows ground truth).
+
+  Returns:
+    [K, K] int32 updated confusion matrix.
+  """
+  outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                        batch["image"], train=False)
+  predictions = jnp.argmax(outputs["logits"], axis=-1)
+  cm = metrics.confusion_matrix(batch["label"], predictions, num_classes,
+                                ignore_index=ignore_index, weights=batch["mask"])
+  return confusion + _psum(cm, axis_name)
+
+
+def predict_step(variables, images, *, model):
+  """Class probabilities [B,H,W,K] float32 for images [B,H,W,3]."""
+  outputs = model.apply(variables, images, train=False)
+  return jax.nn.softmax(outputs["logits"].astype(jnp.float32), axis=-1)
