@@ -250,7 +250,8 @@ def get_loss(name: str, **kwargs) -> Callable[[Any, Mapping[str, Array]],
   return functools.partial(fn, **kwargs)
 
 
-def make_loss(config: Union[str, Mapping[str, Any]]) -> Callable[..., jax.Array]:
+def make_loss(
+    config: Union[str, Mapping[str, Any]]) -> Callable[..., jax.Array]:
   """Builds the loss from a config entry.
 
   Args:

@@ -10,3 +10,25 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_DATASET = "segjax_shapes/small"
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+  """A tfds data dir holding the small segjax_shapes config (generated once)."""
+  from segjax.data.builders import load_builder
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  load_builder(SMALL_DATASET, data_dir)
+  return data_dir
+
+
+def tiny_config(data_dir, *overrides):
+  """configs/unet_shapes.py:tiny on the small dataset, plus overrides."""
+  from segjax import config as config_lib
+  return config_lib.load_config(
+      os.path.join(REPO, "configs", "unet_shapes.py:tiny"),
+      [f"dataset={SMALL_DATASET}", f"data_dir={data_dir}", *overrides])

@@ -97,7 +97,7 @@ def test_cross_entropy_gradient_numerically():
 
 
 def naive_weight_map(label, w0, sigma, background=0):
-  """Brute-force distances to every object pixel, objects found by flood fill."""
+  """Brute-force distances to every object pixel; objects by flood fill."""
   h, w = label.shape
   seen = np.zeros_like(label, bool)
   objects = []

@@ -18,8 +18,8 @@ applied to image and label alike, so a pipeline that derives the seed from
       ex, tf.stack([seed, i]), crop_size=512))
 
 gives the same batches on every run and resumes exactly where it stopped.
-Composite transforms split their seed with `tf.random.experimental.
-stateless_split`, so the ops' draws are independent.
+Composite transforms split their seed (`stateless_split`), so the draws of
+their steps are independent.
 """
 from collections.abc import Sequence
 import operator

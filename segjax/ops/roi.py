@@ -62,7 +62,7 @@ def _div(a, b):
   return a / jax.lax.optimization_barrier(jnp.full(a.shape, b, a.dtype))
 
 
-def _axis_samples(start, length, bins, grid, grid_max, size):
+def _axis_samples(start, length, bins, grid, grid_max, size, size_max):
   """Per-axis sample rows and weights of every bin.
 
   Args:
@@ -71,6 +71,7 @@ def _axis_samples(start, length, bins, grid, grid_max, size):
     grid: [K] int, samples per bin along the axis (<= grid_max; <= 0: none).
     grid_max: static bound on grid.
     size: [K] int, feature map extent along the axis (per box, for FPN).
+    size_max: static int >= every size.
 
   Returns:
     idx: [K, bins, grid_max, 2] int32, the low and high rows read.
@@ -86,20 +87,26 @@ def _axis_samples(start, length, bins, grid, grid_max, size):
   pos = start[:, None, None] + p * bin_size + (i + 0.5) * bin_size / g
   size_f = size.astype(dtype)[:, None, None]
   valid = (pos >= -1.0) & (pos <= size_f) & (i < grid[:, None, None])
-  pos = jnp.maximum(pos, 0.0)
-  low = jnp.floor(pos)
-  at_edge = low >= size_f - 1
-  low = jnp.where(at_edge, size_f - 1, low)
-  pos = jnp.where(at_edge, low, pos)
-  frac = pos - low
-  high = jnp.where(at_edge, low, low + 1)
-  idx = jnp.stack([low, high], -1).astype(jnp.int32)
+  # torchvision moves y <= 0 to 0 and reads row H-1 alone once y >= H-1:
+  # both are a clip of the position.
+  pos = jnp.clip(pos, 0.0, size_f - 1)
+  # floor(pos) as a count of the integers 1..H-1 at or below pos. XLA would
+  # otherwise recompute pos separately for the rows read and for the
+  # weights, rounded differently (with and without FMA); near an integer
+  # the two could disagree by a whole row. A reduction is computed once, and
+  # the fraction below stays within an ulp of [0, 1] whichever rounding the
+  # weights see, so the interpolation stays right.
+  steps = jnp.arange(1, max(int(size_max), 2), dtype=dtype)
+  low = jnp.sum(pos[..., None] >= steps, axis=-1).astype(jnp.int32)
+  high = jnp.minimum(low + 1, size[:, None, None].astype(jnp.int32) - 1)
+  frac = pos - low.astype(dtype)
+  idx = jnp.stack([low, high], -1)
   wgt = jnp.where(valid[..., None], jnp.stack([1.0 - frac, frac], -1), 0.0)
   return idx, wgt
 
 
 def _box_geometry(boxes, spatial_scale, output_size, sampling_ratio, aligned,
-                  max_sampling_ratio, heights, widths):
+                  max_sampling_ratio, heights, widths, max_h, max_w):
   """Sample rows/cols and weights for all boxes; count folded into y weights."""
   oh, ow = output_size
   boxes = boxes.astype(jnp.float32)
@@ -121,8 +128,8 @@ def _box_geometry(boxes, spatial_scale, output_size, sampling_ratio, aligned,
     gw = jnp.ceil(_div(jax.lax.stop_gradient(rw), ow)).astype(jnp.int32)
     gh, gw = jnp.minimum(gh, gmax), jnp.minimum(gw, gmax)
   count = jnp.maximum(gh * gw, 1).astype(jnp.float32)
-  yi, yw = _axis_samples(y1, rh, oh, gh, gmax, heights)
-  xi, xw = _axis_samples(x1, rw, ow, gw, gmax, widths)
+  yi, yw = _axis_samples(y1, rh, oh, gh, gmax, heights, max_h)
+  xi, xw = _axis_samples(x1, rw, ow, gw, gmax, widths, max_w)
   return yi, yw / count[:, None, None, None], xi, xw
 
 
@@ -152,11 +159,16 @@ def _einsum_read(features, bidx, yi, yw, xi, xw, precision):
 
 
 def _chunked(fn, per_box, k, per_box_elems):
-  """Maps fn over boxes in chunks so the intermediates stay under budget."""
+  """fn over boxes in chunks (lax.map) so the intermediates stay under budget."""
   chunk = max(1, min(k, _GATHER_BUDGET // max(per_box_elems, 1)))
   if chunk >= k:
     return fn(*per_box)
-  return jax.lax.map(lambda a: fn(*a), per_box, batch_size=chunk)
+  num = -(-k // chunk)
+  # Padding boxes read index 0 with zero weight and are dropped after.
+  pad = lambda a: jnp.pad(a, [(0, num * chunk - k)] + [(0, 0)] * (a.ndim - 1))
+  split = tuple(pad(a).reshape((num, chunk) + a.shape[1:]) for a in per_box)
+  out = jax.lax.map(lambda a: fn(*a), split)
+  return out.reshape((num * chunk,) + out.shape[2:])[:k]
 
 
 def _check(features, boxes, box_indices, sampling_ratio, max_sampling_ratio, impl):
@@ -201,13 +213,14 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     boxes.
   """
   output_size = _pair(output_size, "output_size")
+  features, boxes, box_indices = map(jnp.asarray, (features, boxes, box_indices))
   _check(features, boxes, box_indices, sampling_ratio, max_sampling_ratio, impl)
   n, h, w, c = features.shape
   k = boxes.shape[0]
   sizes_h = jnp.full((k,), h, jnp.int32)
   sizes_w = jnp.full((k,), w, jnp.int32)
   yi, yw, xi, xw = _box_geometry(boxes, spatial_scale, output_size, int(sampling_ratio),
-                                 aligned, max_sampling_ratio, sizes_h, sizes_w)
+                                 aligned, max_sampling_ratio, sizes_h, sizes_w, h, w)
   bidx = box_indices.astype(jnp.int32)
   g2 = yi.shape[2] * 2
   if impl == "gather":
@@ -268,6 +281,8 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
   if len(features) != len(spatial_scales) or not features:
     raise ConfigError(f"got {len(features)} feature levels but "
                       f"{len(spatial_scales)} spatial_scales.")
+  features = [jnp.asarray(f) for f in features]
+  boxes, box_indices = jnp.asarray(boxes), jnp.asarray(box_indices)
   levels_log2 = [-math.log2(s) for s in spatial_scales]
   if any(abs(v - round(v)) > 1e-6 for v in levels_log2):
     raise ConfigError(f"spatial_scales must be powers of two, got {spatial_scales}.")
@@ -282,7 +297,9 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
   ws = jnp.asarray([f.shape[2] for f in features], jnp.int32)[level]
   scale = jnp.asarray(spatial_scales, jnp.float32)[level]
   yi, yw, xi, xw = _box_geometry(boxes, scale, output_size, int(sampling_ratio),
-                                 aligned, max_sampling_ratio, hs, ws)
+                                 aligned, max_sampling_ratio, hs, ws,
+                                 max(f.shape[1] for f in features),
+                                 max(f.shape[2] for f in features))
   g2 = yi.shape[2] * 2
   if impl == "gather":
     # All levels in one flat buffer: each box reads only its own level, so
@@ -360,6 +377,7 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     [K, oh, ow, C]; gradients go to each bin's maximum (not to the boxes).
   """
   oh, ow = _pair(output_size, "output_size")
+  features, boxes, box_indices = map(jnp.asarray, (features, boxes, box_indices))
   _check(features, boxes, box_indices, 1, 1, "gather")
   n, h, w, c = features.shape
   b = jax.lax.stop_gradient(boxes.astype(jnp.float32)) * jnp.float32(spatial_scale)

@@ -100,6 +100,12 @@ class Checkpoints:
             f"checkpoint {path} does not fit this model: {mismatch}. It was "
             "written by a different model or num_classes; use another --workdir "
             "or the config it was trained with") from e
+      if "tree structures do not match" in str(e):
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: the parameters match but "
+            "the optimizer state is structured differently, so optimizer settings "
+            "(name, gradient clipping) changed since it was saved; resume with "
+            "the original config or use another --workdir") from e
       raise CheckpointError(f"checkpoint {path} is unreadable or corrupt "
                             f"({type(e).__name__}: {str(e)[:200]})") from e
     return restored[ITEM]
@@ -128,8 +134,10 @@ def _describe_mismatch(manager, step, abstract):
     return ""
   if meta is None:
     return ""
-  saved = _flat_shapes(meta)
-  wanted = _flat_shapes(abstract)
+  # Parameters and statistics say which model wrote a checkpoint; optimizer
+  # state follows from them (and its metadata tree is stored differently).
+  saved = _flat_shapes({k: meta[k] for k in ("params", "batch_stats") if k in meta})
+  wanted = _flat_shapes({k: abstract[k] for k in ("params", "batch_stats")})
   problems = []
   for name in sorted(set(saved) | set(wanted)):
     if name not in saved:

@@ -83,7 +83,10 @@ class Parallel:
   def put_state(self, tree):
     """Replicates a host pytree (same values on every process)."""
     if self.mode == "pmap":
-      return jax.device_put_replicated(tree, self.local_devices)
+      # One stacked copy per local device; pmap shards the leading axis.
+      n = len(self.local_devices)
+      return jax.tree_util.tree_map(
+          lambda x: np.repeat(np.asarray(x)[None], n, axis=0), tree)
     return jax.device_put(tree, self.replicated)
 
   def host_state(self, tree):

@@ -14,14 +14,9 @@ def _tiny_config(name="tiny", **kw):
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def tiny_builder(tiny_root):
-  return builders.load_builder("segjax_shapes", tiny_root,
-                               config=_tiny_config())
+def small_builder(shapes_dir):
+  """The built-in "small" config, generated once per session by conftest."""
+  return builders.load_builder("segjax_shapes/small", shapes_dir)
 
 
 def _check_scene(image, semantic, masks, boxes, labels, size):
@@ -99,11 +94,11 @@ def test_default_config_declares_split_sizes(tmp_path):
                                                 "triangle"]
 
 
-def test_builder_features_and_splits(tiny_builder):
-  splits = tiny_builder.info.splits
+def test_builder_features_and_splits(small_builder):
+  splits = small_builder.info.splits
   assert {name: splits[name].num_examples for name in shapes.SPLITS} == {
-      "train": 6, "validation": 2, "test": 2}
-  ds = tiny_builder.as_dataset(split="train", shuffle_files=False)
+      "train": 48, "validation": 16, "test": 8}
+  ds = small_builder.as_dataset(split="train", shuffle_files=False)
   seen = set()
   for ex in ds.as_numpy_iterator():
     seen.add(int(ex["image_id"]))
@@ -119,31 +114,41 @@ def test_builder_features_and_splits(tiny_builder):
     np.testing.assert_array_equal(ex["image"], scene["image"])
     np.testing.assert_array_equal(ex["segmentation_mask"][..., 0],
                                   scene["semantic"])
-  assert seen == set(range(6))
+  assert seen == set(range(48))
 
 
-def test_generation_is_deterministic(tiny_builder, tmp_path):
-  config = _tiny_config(split_sizes=(2, 1, 1))
-  again = [builders.load_builder("segjax_shapes", str(tmp_path / d),
-                                 config=config) for d in ("a", "b")]
-  reference = tiny_builder.as_dataset(split="validation", shuffle_files=False)
-  for builder in again:
+def test_generation_is_deterministic(small_builder, tmp_path):
+  # Same seed and size as "small", fewer examples: the common ones match.
+  config = _tiny_config(split_sizes=(2, 3, 1))
+
+  def by_id(builder):
     ds = builder.as_dataset(split="validation", shuffle_files=False)
-    for x, y in zip(reference.as_numpy_iterator(), ds.as_numpy_iterator()):
-      assert x["image_id"] == y["image_id"]
+    return {int(ex["image_id"]): ex for ex in ds.as_numpy_iterator()}
+
+  reference = by_id(small_builder)
+  for d in ("a", "b"):
+    builder = builders.load_builder("segjax_shapes", str(tmp_path / d),
+                                    config=config)
+    examples = by_id(builder)
+    assert set(examples) == {0, 1, 2}
+    for i, y in examples.items():
+      x = reference[i]
       np.testing.assert_array_equal(x["image"], y["image"])
+      np.testing.assert_array_equal(x["segmentation_mask"],
+                                    y["segmentation_mask"])
       np.testing.assert_array_equal(x["objects"]["mask"], y["objects"]["mask"])
       np.testing.assert_array_equal(x["objects"]["bbox"], y["objects"]["bbox"])
+      np.testing.assert_array_equal(x["objects"]["label"],
+                                    y["objects"]["label"])
 
 
-def test_load_builder_reuses_prepared_data(tiny_builder, tiny_root,
+def test_load_builder_reuses_prepared_data(small_builder, shapes_dir,
                                           monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("prepared data should not be generated again")
   monkeypatch.setattr(shapes.SegjaxShapes, "_generate_examples", fail)
-  again = builders.load_builder("segjax_shapes", tiny_root,
-                                config=_tiny_config())
-  assert again.data_dir == tiny_builder.data_dir
+  again = builders.load_builder("segjax_shapes/small", shapes_dir)
+  assert again.data_dir == small_builder.data_dir
 
 
 def test_load_builder_default_data_dir(tmp_path, monkeypatch):
@@ -162,7 +167,7 @@ def test_load_builder_unknown_name_lists_known(tmp_path):
 def test_bad_config_raises(tmp_path):
   with pytest.raises(errors.ConfigError, match="image_size"):
     shapes.SegjaxShapes(data_dir=str(tmp_path),
-                        config=_tiny_config("small", image_size=8)).info
+                        config=_tiny_config("too_small", image_size=8)).info
   with pytest.raises(errors.ConfigError, match="split_sizes"):
     config = _tiny_config("empty", split_sizes=(0, 1, 1))
     shapes.SegjaxShapes(data_dir=str(tmp_path), config=config).info

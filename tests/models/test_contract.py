@@ -1,0 +1,106 @@
+"""The contract every semantic model in segjax.models.MODELS honours.
+
+Parametrised over the registry, so a newly registered model is tested without
+touching this file; add an entry to MODEL_KWARGS only to make it small enough
+for a CPU test.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segjax import losses
+from segjax import models
+from segjax.errors import ConfigError
+
+# Per-model options that keep the test fast on CPU.
+MODEL_KWARGS = {
+    "unet": dict(base_width=8, depth=3),
+}
+NUM_CLASSES = 3
+BATCH = 2
+# The second size is not a multiple of 8 or 32, the strides models use.
+SIZES = [(64, 64), (66, 50)]
+
+
+def make_key(seed):
+  # The rbg PRNG compiles several times faster than threefry on XLA:CPU, and
+  # model init is most of this file's compile time; the stream is irrelevant.
+  return jax.random.key(seed, impl="rbg")
+
+
+@pytest.fixture(scope="module", params=sorted(models.MODELS))
+def built(request):
+  """(name, model, variables), initialised once per model."""
+  name = request.param
+  model = models.build(name, NUM_CLASSES, **MODEL_KWARGS.get(name, {}))
+  images = jnp.zeros((BATCH, *SIZES[0], 3), jnp.float32)
+  variables = jax.jit(lambda x: model.init(make_key(0), x, train=False))(images)
+  return name, model, variables
+
+
+def random_batch(seed, size):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(BATCH, *size, 3)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, size=(BATCH, *size)).astype(np.int32)
+  labels[:, :2] = 255  # some ignored pixels
+  return images, labels
+
+
+def test_params_are_float32(built):
+  _, _, variables = built
+  for leaf in jax.tree_util.tree_leaves(variables):
+    assert leaf.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_forward_under_jit(built, size):
+  _, model, variables = built
+  images, _ = random_batch(0, size)
+  outputs = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      variables, images)
+  assert isinstance(outputs, dict)
+  logits = outputs["logits"]
+  assert logits.shape == (BATCH, *size, NUM_CLASSES)
+  assert logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  for aux in outputs.get("aux", []):
+    assert aux.shape[:1] == (BATCH,) and aux.dtype == jnp.float32
+
+
+def test_train_step_gradients_and_batch_stats(built):
+  name, model, variables = built
+  images, labels = random_batch(1, SIZES[1])
+  params = variables["params"]
+  state = {k: v for k, v in variables.items() if k != "params"}
+  loss_fn_of = losses.make_loss({"name": "cross_entropy"})
+
+  def loss_fn(params):
+    outputs, new_state = model.apply(
+        {"params": params, **state}, images, train=True,
+        mutable=list(state), rngs={"dropout": make_key(1)})
+    return loss_fn_of(outputs, {"label": labels}), new_state
+
+  (loss, new_state), grads = jax.jit(
+      jax.value_and_grad(loss_fn, has_aux=True))(params)
+  assert np.isfinite(float(loss)) and float(loss) > 0
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  assert flat
+  for path, grad in flat:
+    assert np.all(np.isfinite(grad)), f"{name}: non-finite grad at {path}"
+    assert np.any(grad != 0), f"{name}: zero grad at {path}"
+  if "batch_stats" in state:
+    before = jax.tree_util.tree_leaves(state["batch_stats"])
+    after = jax.tree_util.tree_leaves(new_state["batch_stats"])
+    assert len(before) == len(after) > 0
+    assert all(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_build_rejects_unknown_name_and_option():
+  with pytest.raises(ConfigError) as err:
+    models.build("no_such_model", NUM_CLASSES)
+  for name in models.available():
+    assert name in str(err.value)
+  name = models.available()[0]
+  with pytest.raises(ConfigError, match="no option"):
+    models.build(name, NUM_CLASSES, no_such_option=1)
