@@ -170,7 +170,7 @@ def load_init(path, state):
   """
   step_dir = _find_step_dir(path)
   try:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, ITEM))
+    restored = restore_on_host(step_dir)
   except Exception as e:
     raise CheckpointError(f"init_from checkpoint {step_dir} is unreadable "
                           f"({type(e).__name__}: {str(e)[:200]}); check the path "
@@ -179,6 +179,19 @@ def load_init(path, state):
   for key in ("params", "batch_stats"):
     new[key] = _overlay(getattr(state, key), restored.get(key, {}), key, step_dir)
   return state.replace(**new)
+
+
+def restore_on_host(step_dir):
+  """The `state` item of one step directory as numpy arrays.
+
+  Works whatever the number of devices and hosts that wrote it (restoring
+  without a target would insist on the writer's topology).
+  """
+  checkpointer = ocp.StandardCheckpointer()
+  path = os.path.join(step_dir, ITEM)
+  tree = checkpointer.metadata(path).item_metadata
+  target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), tree)
+  return checkpointer.restore(path, target)
 
 
 def _find_step_dir(path):
