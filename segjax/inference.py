@@ -1,7 +1,9 @@
 """Inference on image files: whole-image prediction, colour masks, overlays.
 
 The model runs on the image at its own size (fully convolutional models
-accept any size; one compilation per distinct size).
+accept any size; one compilation per distinct size), or, when the config
+sets `eval.resize_to`, on the image resized to that size, with the class
+probabilities resized back to the image.
 """
 import functools
 import os
@@ -12,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from segjax import viz
 from segjax.errors import DataError
+from segjax.ops import resize
 from segjax.train import steps
 
 
@@ -65,7 +68,12 @@ def predict_files(trainer, state, paths, output_dir):
   for path in paths:
     image = read_image(path)
     x = normalize(image, config.augment.mean, config.augment.std)[None]
+    resize_to = config.eval.get("resize_to")
+    if resize_to:  # Run at the model's size, answer at the image's.
+      x = np.asarray(resize(x, tuple(resize_to)))
     probs = predict_probabilities(trainer.model, variables, x)
+    if probs.shape[1:3] != image.shape[:2]:
+      probs = resize(probs, image.shape[:2])
     labels = np.asarray(np.argmax(probs[0], axis=-1), np.uint8)
     stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
     outputs = {f"{stem}_mask.png": viz.colorize(labels, colours),

@@ -152,10 +152,12 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
   """Yields the host-local evaluation batches, padded, with a "mask".
 
   The per-host batch is eval.batch_size / P rounded up to a multiple of
-  `local_devices`. Every host yields the same number of batches.
+  `local_devices`. Every host yields the same number of batches. Images are
+  padded to `eval.image_size` (if set, label 255 there) and then resized to
+  `eval.resize_to` (if set) while labels keep the full resolution.
 
   Yields:
-    dict: "image" float32 [b,h,w,3], "label" int32 [b,h,w], "mask" int32 [b].
+    dict: "image" float32 [b,h,w,3], "label" int32 [b,H,W], "mask" int32 [b].
   """
   index, count = _process(process_index, process_count)
   split = split or config.eval.split
@@ -169,10 +171,13 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
   num_batches = math.ceil(max(sizes) / per_host)
   aug = config.augment
   size = tuple(config.eval.get("image_size") or ()) or None
+  resize_to = tuple(config.eval.get("resize_to") or ()) or None
 
   def prepare(example):
     out = transforms.eval_transform(example, pad_size=size, mean=tuple(aug.mean),
                                     std=tuple(aug.std))
+    if resize_to:  # The model sees this size; labels keep theirs (eval_step).
+      out["image"] = tf.image.resize(out["image"], resize_to, method="bilinear")
     out["mask"] = tf.constant(1, tf.int32)
     return out
 

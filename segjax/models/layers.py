@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax.ops import resize
+
 Array = jax.Array
 Dtype = Any
 
@@ -155,5 +157,5 @@ class BilinearUp2x(nn.Module):
     """x: [N, H, W, C_in] -> [N, 2H, 2W, features] in `dtype`."""
     x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv")(x)
     n, h, w, c = x.shape
-    return jax.image.resize(x, (n, 2 * h, 2 * w, c), "bilinear").astype(
+    return resize(x, (2 * h, 2 * w)).astype(
         self.dtype)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from segjax import metrics
+from segjax.ops import resize
 
 
 def _psum(x, axis_name):
@@ -81,8 +82,10 @@ def eval_step(state, batch, confusion, *, model, num_classes, ignore_index=255,
 
   Args:
     state: TrainState.
-    batch: dict with "image" [B,H,W,3], "label" [B,H,W] int32 and "mask" [B]
+    batch: dict with "image" [B,h,w,3], "label" [B,H,W] int32 and "mask" [B]
       (1 for real examples, 0 for the padding that fills the last batch).
+      When the image was resized to the model's size (h, w) != (H, W), the
+      logits are resized back bilinearly and scored at the labels' size.
     confusion: [K, K] int32 running confusion matrix (rows ground truth).
 
   Returns:
@@ -90,7 +93,10 @@ def eval_step(state, batch, confusion, *, model, num_classes, ignore_index=255,
   """
   outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                         batch["image"], train=False)
-  predictions = jnp.argmax(outputs["logits"], axis=-1)
+  logits = outputs["logits"]
+  if logits.shape[1:3] != batch["label"].shape[1:3]:
+    logits = resize(logits, batch["label"].shape[1:3])
+  predictions = jnp.argmax(logits, axis=-1)
   cm = metrics.confusion_matrix(batch["label"], predictions, num_classes,
                                 ignore_index=ignore_index, weights=batch["mask"])
   return confusion + _psum(cm, axis_name)
