@@ -88,9 +88,7 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
   ds = tf.data.Dataset.zip(tuple(streams)).map(
       lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
   ds = ds.prefetch(config.data.get("prefetch", 2))
-  for host_batch in ds.as_numpy_iterator():
-    check_labels(host_batch["label"], config.num_classes, config.dataset)
-    yield host_batch
+  yield from _checked(ds, config)
 
 
 def _shard_stream(config, builder, split, shard, per_shard, start_step):
@@ -191,7 +189,19 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
         {k: tf.zeros_like(v) if k != "label" else tf.fill(tf.shape(v), IGNORE)
          for k, v in next(iter(ds.take(1))).items()})
     ds = ds.concatenate(blank.repeat(padding))
-  for host_batch in ds.batch(per_host).as_numpy_iterator():
+  yield from _checked(ds.batch(per_host), config)
+
+
+def _checked(ds, config):
+  """Iterates `ds` as numpy, checking labels and naming data errors."""
+  iterator = ds.as_numpy_iterator()
+  while True:
+    try:
+      host_batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:  # Raised by checks in the graph.
+      raise DataError(f"dataset {config.dataset}: {e.message.splitlines()[0]}") from e
     check_labels(host_batch["label"], config.num_classes, config.dataset)
     yield host_batch
 

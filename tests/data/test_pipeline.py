@@ -87,3 +87,14 @@ def test_empty_split_is_refused(shapes_dir):
   config = tiny_config(shapes_dir, "eval.split=validation[:0]")
   with pytest.raises(DataError, match="is empty"):
     next(pipeline.eval_batches(config, process_index=0, process_count=1))
+
+
+def test_unet_weighted_loss_gets_border_weights(shapes_dir):
+  config = tiny_config(shapes_dir, "loss.name=unet_weighted")
+  batch = next(pipeline.train_batches(config, process_index=0, process_count=1))
+  weight, label = batch["weight"], batch["label"]
+  assert weight.shape == label.shape and weight.dtype == np.float32
+  assert (weight[label == 255] == 0).all()
+  # Background between objects carries the border term on top of w_c.
+  background = weight[label == 0]
+  assert background.max() > 2 * np.median(background)

@@ -82,3 +82,22 @@ def test_pmap_matches_jit():
   _assert_close(state_p.params, state1.params)
   _assert_close(state_p.batch_stats, state1.batch_stats)
   np.testing.assert_allclose(loss_p, loss1, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss():
+  par = parallel.Parallel("jit", parallel.make_mesh(jax.devices()[:2]))
+  import jax.numpy as jnp
+  model = models.build("unet", NUM_CLASSES, depth=2, base_width=4, dtype=jnp.bfloat16)
+  tx, schedule = _optimizer()
+  state = par.put_state(jax.device_get(
+      init_state(model, tx, jax.random.PRNGKey(0), (32, 32, 3))))
+  train = par.compile(steps.train_step, donate_first=True, model=model, tx=tx,
+                      loss_fn=losses.make_loss("cross_entropy"), schedule=schedule)
+  batch = next(_batches())
+  state, m = train(state, par.put_batch(batch), par.put_replicated(jax.random.PRNGKey(1)))
+  assert m["loss"].dtype == jnp.float32 and np.isfinite(float(m["loss"]))
+  leaves = jax.tree_util.tree_leaves(state.params)
+  assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       batch["image"], train=False)["logits"]
+  assert logits.dtype == jnp.float32

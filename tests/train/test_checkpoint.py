@@ -1,0 +1,65 @@
+"""Checkpoints: save/restore round trip, keep-N, init_from and its refusals."""
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from segjax import models
+from segjax.errors import CheckpointError
+from segjax.train import checkpoint, optim
+from segjax.train.state import TrainState, init_state
+
+
+def _state(num_classes=3, seed=0):
+  model = models.build("unet", num_classes, depth=2, base_width=4)
+  opt = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=0,
+      weight_decay=0.0, momentum=0.9, grad_clip_norm=0.0))
+  tx, _ = optim.make_optimizer(opt, 10)
+  return jax.device_get(init_state(model, tx, jax.random.PRNGKey(seed), (16, 16, 3)))
+
+
+def _equal(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_and_keep(tmp_path):
+  manager = checkpoint.Checkpoints(tmp_path / "checkpoints", every_steps=1, keep=2)
+  states = {step: _state(seed=step) for step in (1, 2, 3)}
+  for step, state in states.items():
+    assert manager.save(step, state.replace(step=np.int32(step)).to_dict())
+    manager.wait()
+  assert manager.all_steps() == [2, 3]  # keep=2 dropped the oldest
+  restored, step = manager.restore(_state(seed=9).to_dict())
+  assert step == 3
+  _equal(TrainState(**restored).params, states[3].params)
+  restored, step = manager.restore(_state(seed=9).to_dict(), step=2)
+  _equal(TrainState(**restored).params, states[2].params)
+  with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
+    manager.restore(_state().to_dict(), step=7)
+  manager.close()
+
+
+def test_init_from_takes_matching_weights(tmp_path):
+  source = _state(seed=1)
+  manager = checkpoint.Checkpoints(tmp_path / "checkpoints")
+  manager.save(5, source.to_dict(), force=True)
+  manager.wait()
+  fresh = _state(seed=2)
+  loaded = checkpoint.load_init(tmp_path, fresh)  # a workdir works
+  _equal(loaded.params, source.params)
+  _equal(loaded.batch_stats, source.batch_stats)
+  _equal(loaded.opt_state, fresh.opt_state)  # the optimizer starts afresh
+  loaded = checkpoint.load_init(tmp_path / "checkpoints" / "5", fresh)
+  _equal(loaded.params, source.params)
+
+
+def test_init_from_refuses_other_shapes_and_missing_paths(tmp_path):
+  manager = checkpoint.Checkpoints(tmp_path / "checkpoints")
+  manager.save(1, _state(num_classes=3).to_dict(), force=True)
+  manager.wait()
+  with pytest.raises(CheckpointError, match=r"shapes differ: .*head.*kernel"):
+    checkpoint.load_init(tmp_path, _state(num_classes=5))
+  with pytest.raises(CheckpointError, match="holds no checkpoint"):
+    checkpoint.load_init(tmp_path / "nowhere", _state())
