@@ -57,7 +57,10 @@ def main():
   p.add_argument("--quick", action="store_true", help="small sizes, few runs")
   p.add_argument("--runs", type=int, default=None)
   p.add_argument("--out", default="bench_ops.json")
+  p.add_argument("--ops", default="roi,nms,resize,crf",
+                 help="comma-separated sections to run: roi, nms, resize, crf")
   a = p.parse_args()
+  sections = set(a.ops.split(","))
   runs = a.runs or (3 if a.quick else 20)
   rng = np.random.RandomState(0)
   rows = []
@@ -71,101 +74,105 @@ def main():
           flush=True)
 
   # --- roi_align ---------------------------------------------------------
-  k, c = (64, 64) if a.quick else (512, 256)
-  img_h, img_w = 800, 1344
-  feats = jnp.asarray(rng.randn(2, 200, 336, c).astype(np.float32))
-  boxes = jnp.asarray(boxes_for(rng, k, img_h, img_w))
-  bidx = jnp.asarray(rng.randint(0, 2, k).astype(np.int32))
-  levels = [jnp.asarray(rng.randn(2, img_h // s, img_w // s, c).astype(np.float32))
-            for s in (4, 8, 16, 32)]
-  scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
-  ref_fwd = ref_bwd = ref_ml = None
-  if tvo is not None:
-    torch.set_num_threads(2)
-    ft = torch.from_numpy(np.asarray(feats)).permute(0, 3, 1, 2).contiguous()
-    rois = torch.from_numpy(np.concatenate([np.asarray(bidx)[:, None].astype(np.float32),
-                                            np.asarray(boxes)], 1))
-    ref_fwd = timeit(lambda: tvo.roi_align(ft, rois, 7, 0.25, 2), runs)
-    ftg = ft.clone().requires_grad_(True)
-    ref_bwd = timeit(lambda: tvo.roi_align(ftg, rois, 7, 0.25, 2).sum().backward(), runs)
-    from collections import OrderedDict
-    m = tvo.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    x = OrderedDict((str(i), torch.from_numpy(np.asarray(l)).permute(0, 3, 1, 2).contiguous())
-                    for i, l in enumerate(levels))
-    order = np.argsort(np.asarray(bidx), kind="stable")
-    bl = [torch.from_numpy(np.asarray(boxes)[order][np.asarray(bidx)[order] == i])
-          for i in range(2)]
-    ref_ml = timeit(lambda: m(x, bl, [(img_h, img_w)] * 2), runs)
-  for impl in ("gather", "einsum"):
-    fwd = lambda f, b, i, impl=impl: ops.roi_align(f, b, i, 7, 0.25, 2, impl=impl)
-    add(f"roi_align fwd {impl} K={k} C={c} 200x336", k, "boxes/s",
-        *bench_jax(fwd, (feats, boxes, bidx), runs), ref_fwd)
-    loss = lambda f, b, i, impl=impl: jnp.sum(ops.roi_align(f, b, i, 7, 0.25, 2, impl=impl))
-    add(f"roi_align fwd+bwd {impl}", k, "boxes/s",
-        *bench_jax(jax.grad(loss), (feats, boxes, bidx), runs), ref_bwd)
-    ml = lambda fs, b, i, impl=impl: ops.multilevel_roi_align(fs, b, i, 7, scales, 2, impl=impl)
-    add(f"multilevel_roi_align fwd {impl} 4 levels", k, "boxes/s",
-        *bench_jax(ml, (levels, boxes, bidx), runs), ref_ml)
-    mll = lambda fs, b, i, impl=impl: jnp.sum(ops.multilevel_roi_align(fs, b, i, 7, scales, 2,
-                                                                       impl=impl))
-    add(f"multilevel_roi_align fwd+bwd {impl}", k, "boxes/s",
-        *bench_jax(jax.grad(mll), (levels, boxes, bidx), runs))
+  if "roi" in sections:
+    k, c = (64, 64) if a.quick else (512, 256)
+    img_h, img_w = 800, 1344
+    feats = jnp.asarray(rng.randn(2, 200, 336, c).astype(np.float32))
+    boxes = jnp.asarray(boxes_for(rng, k, img_h, img_w))
+    bidx = jnp.asarray(rng.randint(0, 2, k).astype(np.int32))
+    levels = [jnp.asarray(rng.randn(2, img_h // s, img_w // s, c).astype(np.float32))
+              for s in (4, 8, 16, 32)]
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    ref_fwd = ref_bwd = ref_ml = None
+    if tvo is not None:
+      torch.set_num_threads(2)
+      ft = torch.from_numpy(np.asarray(feats)).permute(0, 3, 1, 2).contiguous()
+      rois = torch.from_numpy(np.concatenate([np.asarray(bidx)[:, None].astype(np.float32),
+                                              np.asarray(boxes)], 1))
+      ref_fwd = timeit(lambda: tvo.roi_align(ft, rois, 7, 0.25, 2), runs)
+      ftg = ft.clone().requires_grad_(True)
+      ref_bwd = timeit(lambda: tvo.roi_align(ftg, rois, 7, 0.25, 2).sum().backward(), runs)
+      from collections import OrderedDict
+      m = tvo.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+      x = OrderedDict((str(i), torch.from_numpy(np.asarray(l)).permute(0, 3, 1, 2).contiguous())
+                      for i, l in enumerate(levels))
+      order = np.argsort(np.asarray(bidx), kind="stable")
+      bl = [torch.from_numpy(np.asarray(boxes)[order][np.asarray(bidx)[order] == i])
+            for i in range(2)]
+      ref_ml = timeit(lambda: m(x, bl, [(img_h, img_w)] * 2), runs)
+    for impl in ("gather", "einsum"):
+      fwd = lambda f, b, i, impl=impl: ops.roi_align(f, b, i, 7, 0.25, 2, impl=impl)
+      add(f"roi_align fwd {impl} K={k} C={c} 200x336", k, "boxes/s",
+          *bench_jax(fwd, (feats, boxes, bidx), runs), ref_fwd)
+      loss = lambda f, b, i, impl=impl: jnp.sum(ops.roi_align(f, b, i, 7, 0.25, 2, impl=impl))
+      add(f"roi_align fwd+bwd {impl}", k, "boxes/s",
+          *bench_jax(jax.grad(loss), (feats, boxes, bidx), runs), ref_bwd)
+      ml = lambda fs, b, i, impl=impl: ops.multilevel_roi_align(fs, b, i, 7, scales, 2, impl=impl)
+      add(f"multilevel_roi_align fwd {impl} 4 levels", k, "boxes/s",
+          *bench_jax(ml, (levels, boxes, bidx), runs), ref_ml)
+      mll = lambda fs, b, i, impl=impl: jnp.sum(ops.multilevel_roi_align(fs, b, i, 7, scales, 2,
+                                                                         impl=impl))
+      add(f"multilevel_roi_align fwd+bwd {impl}", k, "boxes/s",
+          *bench_jax(jax.grad(mll), (levels, boxes, bidx), runs))
 
   # --- nms -----------------------------------------------------------------
-  n = 5000
-  nb = jnp.asarray(boxes_for(rng, n, img_h, img_w, 16, 256))
-  ns = jnp.asarray(rng.rand(n).astype(np.float32))
-  ref = None
-  if tvo is not None:
-    tb, ts = torch.from_numpy(np.asarray(nb)), torch.from_numpy(np.asarray(ns))
-    ref = timeit(lambda: tvo.nms(tb, ts, 0.5), runs)
-  add(f"nms N={n} iou=0.5 max_output=1000", n, "boxes/s",
-      *bench_jax(lambda b, s: ops.nms(b, s, 0.5, 1000), (nb, ns), runs), ref)
+  if "nms" in sections:
+    n = 5000
+    nb = jnp.asarray(boxes_for(rng, n, img_h, img_w, 16, 256))
+    ns = jnp.asarray(rng.rand(n).astype(np.float32))
+    ref = None
+    if tvo is not None:
+      tb, ts = torch.from_numpy(np.asarray(nb)), torch.from_numpy(np.asarray(ns))
+      ref = timeit(lambda: tvo.nms(tb, ts, 0.5), runs)
+    add(f"nms N={n} iou=0.5 max_output=1000", n, "boxes/s",
+        *bench_jax(lambda b, s: ops.nms(b, s, 0.5, 1000), (nb, ns), runs), ref)
 
   # --- resize --------------------------------------------------------------
-  shape = (2, 64, 64, 150) if a.quick else (8, 128, 128, 150)
-  out = 256 if a.quick else 512
-  x = jnp.asarray(rng.randn(*shape).astype(np.float32))
-  ref = None
-  if torch is not None:
-    xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(
-        memory_format=torch.channels_last)
-    ref = timeit(lambda: torch.nn.functional.interpolate(xt, size=(out, out), mode="bilinear"),
-                 runs)
-  for impl in ("auto", "gather", "matmul"):
-    add(f"resize {shape} -> {out}x{out} {impl}", shape[0], "images/s",
-        *bench_jax(lambda v, impl=impl: ops.resize(v, (out, out), impl=impl), (x,), runs), ref)
-  add(f"jax.image.resize {shape} -> {out}x{out}", shape[0], "images/s",
-      *bench_jax(lambda v: jax.image.resize(v, (shape[0], out, out, shape[3]), "bilinear"),
-                 (x,), runs), ref)
+  if "resize" in sections:
+    shape = (2, 64, 64, 150) if a.quick else (8, 128, 128, 150)
+    out = 256 if a.quick else 512
+    x = jnp.asarray(rng.randn(*shape).astype(np.float32))
+    ref = None
+    if torch is not None:
+      xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(
+          memory_format=torch.channels_last)
+      ref = timeit(lambda: torch.nn.functional.interpolate(xt, size=(out, out), mode="bilinear"),
+                   runs)
+    for impl in ("auto", "gather", "matmul"):
+      add(f"resize {shape} -> {out}x{out} {impl}", shape[0], "images/s",
+          *bench_jax(lambda v, impl=impl: ops.resize(v, (out, out), impl=impl), (x,), runs), ref)
+    add(f"jax.image.resize {shape} -> {out}x{out}", shape[0], "images/s",
+        *bench_jax(lambda v: jax.image.resize(v, (shape[0], out, out, shape[3]), "bilinear"),
+                   (x,), runs), ref)
 
   # --- dense CRF -------------------------------------------------------------
-  hw = 128 if a.quick else 512
-  crf_runs = 3
-  u = jnp.asarray(rng.randn(1, hw, hw, 21).astype(np.float32))
-  im = jnp.asarray(rng.randint(0, 256, (1, hw, hw, 3)).astype(np.uint8))
-  saved, runs = runs, crf_runs
-  add(f"dense_crf fast {hw}x{hw} K=21 10 iters", 1, "images/s",
-      *bench_jax(lambda v, i: ops.dense_crf(v, i, method="fast"), (u, im), crf_runs),
-      note=f"(median of {crf_runs} runs)")
-  runs = saved
-  try:
-    import pydensecrf.densecrf as dcrf
-    un = np.array(-np.asarray(jax.nn.log_softmax(u[0], -1)).reshape(-1, 21).T, order="C")
-    img = np.array(im[0], order="C")
+  if "crf" in sections:
+    hw = 128 if a.quick else 512
+    crf_runs = 3
+    u = jnp.asarray(rng.randn(1, hw, hw, 21).astype(np.float32))
+    im = jnp.asarray(rng.randint(0, 256, (1, hw, hw, 3)).astype(np.uint8))
+    saved, runs = runs, crf_runs
+    add(f"dense_crf fast {hw}x{hw} K=21 10 iters", 1, "images/s",
+        *bench_jax(lambda v, i: ops.dense_crf(v, i, method="fast"), (u, im), crf_runs),
+        note=f"(median of {crf_runs} runs)")
+    runs = saved
+    try:
+      import pydensecrf.densecrf as dcrf
+      un = np.array(-np.asarray(jax.nn.log_softmax(u[0], -1)).reshape(-1, 21).T, order="C")
+      img = np.array(im[0], order="C")
 
-    def ref_crf():
-      d = dcrf.DenseCRF2D(hw, hw, 21)
-      d.setUnaryEnergy(un)
-      d.addPairwiseGaussian(sxy=3, compat=3)
-      d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
-      d.inference(10)
-    rows[-1]["torch_s"] = t = timeit(ref_crf, crf_runs)
-    rows[-1]["ratio"] = t / rows[-1]["median_s"]
-    rows[-1]["note"] += " reference: pydensecrf (C++)"
-    print(f"  pydensecrf {t * 1e3:.1f} ms, ratio {t / rows[-1]['median_s']:.2f}")
-  except ImportError:
-    pass
+      def ref_crf():
+        d = dcrf.DenseCRF2D(hw, hw, 21)
+        d.setUnaryEnergy(un)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
+        d.inference(10)
+      rows[-1]["torch_s"] = t = timeit(ref_crf, crf_runs)
+      rows[-1]["ratio"] = t / rows[-1]["median_s"]
+      rows[-1]["note"] += " reference: pydensecrf (C++)"
+      print(f"  pydensecrf {t * 1e3:.1f} ms, ratio {t / rows[-1]['median_s']:.2f}")
+    except ImportError:
+      pass
 
   meta = dict(device=str(jax.devices()[0]), backend=jax.default_backend(),
               jax=jax.__version__, torch=getattr(torch, "__version__", None), quick=a.quick)

@@ -9,24 +9,13 @@ what `jax.image.resize` builds (benchmarks/bench_ops.py measures the three).
 
 All arrays are NHWC.
 """
-from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from segjax.errors import ConfigError
-
-Size = Union[int, Sequence[int]]
-
-
-def _pair(v, name):
-  if isinstance(v, (int, np.integer)):
-    return int(v), int(v)
-  v = tuple(int(a) for a in v)
-  if len(v) != 2:
-    raise ConfigError(f"{name} must be an int or a pair (h, w), got {v!r}.")
-  return v
+from segjax.ops.pairs import IntPair as Size, pair
 
 
 def linear_indices(in_size: int, out_size: int, align_corners: bool):
@@ -175,7 +164,7 @@ def resize(x: jax.Array, size: Size, method: str = "bilinear",
   Returns:
     [N, h, w, C] (or [h, w, C]) with x's dtype.
   """
-  oh, ow = _pair(size, "size")
+  oh, ow = pair(size, "size")
   if oh <= 0 or ow <= 0:
     raise ConfigError(f"resize size must be positive, got {(oh, ow)}.")
   if x.ndim not in (3, 4):

@@ -28,27 +28,18 @@ are smooth in the box coordinates (the number of samples is not).
 All feature maps are NHWC; boxes are (x1, y1, x2, y2) in input-image pixels.
 """
 import math
-from typing import Sequence, Union
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from segjax.errors import ConfigError
+from segjax.ops.pairs import IntPair, pair
 
-IntPair = Union[int, Sequence[int]]
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Gathered corner values held at once (elements) before boxes are chunked.
 _GATHER_BUDGET = 1 << 25
-
-
-def _pair(v, name):
-  if isinstance(v, (int, np.integer)):
-    return int(v), int(v)
-  v = tuple(int(a) for a in v)
-  if len(v) != 2 or min(v) < 1:
-    raise ConfigError(f"{name} must be a positive int or pair (h, w), got {v!r}.")
-  return v
 
 
 def _div(a, b):
@@ -212,7 +203,7 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     [K, oh, ow, C] with features' dtype. Differentiable w.r.t. features and
     boxes.
   """
-  output_size = _pair(output_size, "output_size")
+  output_size = pair(output_size, "output_size", minimum=1)
   features, boxes, box_indices = map(jnp.asarray, (features, boxes, box_indices))
   _check(features, boxes, box_indices, sampling_ratio, max_sampling_ratio, impl)
   n, h, w, c = features.shape
@@ -277,7 +268,7 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
   Returns:
     [K, oh, ow, C].
   """
-  output_size = _pair(output_size, "output_size")
+  output_size = pair(output_size, "output_size", minimum=1)
   if len(features) != len(spatial_scales) or not features:
     raise ConfigError(f"got {len(features)} feature levels but "
                       f"{len(spatial_scales)} spatial_scales.")
@@ -376,7 +367,7 @@ def roi_pool(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   Returns:
     [K, oh, ow, C]; gradients go to each bin's maximum (not to the boxes).
   """
-  oh, ow = _pair(output_size, "output_size")
+  oh, ow = pair(output_size, "output_size", minimum=1)
   features, boxes, box_indices = map(jnp.asarray, (features, boxes, box_indices))
   _check(features, boxes, box_indices, 1, 1, "gather")
   n, h, w, c = features.shape

@@ -12,23 +12,12 @@ Kernel layout: [kh, kw, C_in, C_out], the PyTorch weight [C_in, C_out, kh, kw]
 transposed by (2, 3, 0, 1), so that
   y[s*i + a - p, s*j + b - p, o] += x[i, j, c] * kernel[a, b, c, o].
 """
-from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
-
-IntPair = Union[int, Sequence[int]]
-
-
-def _pair(v, name):
-  if isinstance(v, int):
-    return v, v
-  v = tuple(int(a) for a in v)
-  if len(v) != 2:
-    raise ConfigError(f"{name} must be an int or a pair, got {v!r}.")
-  return v
+from segjax.ops.pairs import IntPair, pair
 
 
 def conv_transpose_output_size(in_size: int, kernel: int, stride: int,
@@ -109,8 +98,8 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: IntPair,
   Returns:
     [N, (H-1)*s - 2p + d*(kh-1) + op + 1, ..., C_out]. Add the bias yourself.
   """
-  stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
-  output_padding, dilation = _pair(output_padding, "output_padding"), _pair(dilation, "dilation")
+  stride, padding = pair(stride, "stride"), pair(padding, "padding")
+  output_padding, dilation = pair(output_padding, "output_padding"), pair(dilation, "dilation")
   if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[3]:
     raise ConfigError(
         f"conv_transpose wants x [N, H, W, C_in] and kernel [kh, kw, C_in, C_out]; "

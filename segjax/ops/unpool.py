@@ -7,24 +7,14 @@ so indices computed by a PyTorch encoder work here and vice versa.
 
 All arrays are NHWC.
 """
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from segjax.errors import ConfigError
-
-IntPair = Union[int, Sequence[int]]
-
-
-def _pair(v, name):
-  if isinstance(v, (int, np.integer)):
-    return int(v), int(v)
-  v = tuple(int(a) for a in v)
-  if len(v) != 2:
-    raise ConfigError(f"{name} must be an int or a pair (h, w), got {v!r}.")
-  return v
+from segjax.ops.pairs import IntPair, pair
 
 
 def max_pool_with_argmax(x: jax.Array, window: IntPair, stride: IntPair = None,
@@ -46,9 +36,9 @@ def max_pool_with_argmax(x: jax.Array, window: IntPair, stride: IntPair = None,
       selected positions.
     indices: [N, oh, ow, C] int32, flat index h * W + w into each input plane.
   """
-  kh, kw = _pair(window, "window")
-  sh, sw = _pair(window if stride is None else stride, "stride")
-  ph, pw = _pair(padding, "padding")
+  kh, kw = pair(window, "window")
+  sh, sw = pair(window if stride is None else stride, "stride")
+  ph, pw = pair(padding, "padding")
   if x.ndim != 4:
     raise ConfigError(f"max_pool_with_argmax expects [N, H, W, C], got shape {x.shape}.")
   if min(kh, kw, sh, sw) < 1 or ph < 0 or pw < 0:

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 from jax.test_util import check_grads
 
 from segjax.errors import ConfigError
