@@ -19,10 +19,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
+from segjax.models import torchvision_seg
 from segjax.models import unet
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "unet": unet.UNet,
+    "fcn_resnet50": torchvision_seg.FCNResNet,
+    "deeplab_v3_resnet50": torchvision_seg.DeepLabV3ResNet,
 }
 
 

@@ -16,6 +16,8 @@ from segjax.errors import ConfigError
 # Per-model options that keep the test fast on CPU.
 MODEL_KWARGS = {
     "unet": dict(base_width=8, depth=3),
+    "fcn_resnet50": dict(stage_sizes=(1, 1, 1, 1), width=8),
+    "deeplab_v3_resnet50": dict(stage_sizes=(1, 1, 1, 1), width=8),
 }
 NUM_CLASSES = 3
 BATCH = 2
