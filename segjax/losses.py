@@ -10,11 +10,15 @@ value is 0 and so is its gradient, rather than 0/0 = NaN.
 the host, in the input pipeline, and writes the per-pixel weights that the
 "unet_weighted" loss reads from `batch["weight"]`.
 
+The region losses (soft Dice, soft IoU, Lovász-Softmax, MS-SSIM) live in
+`segjax.region_losses` and are re-exported here.
+
 The trainer does not call these functions directly; it calls
-`make_loss(config.loss)`, which returns `loss_fn(logits, batch) -> scalar`.
+`make_loss(config.loss)`, which returns `loss_fn(outputs, batch) -> scalar`.
 """
 import functools
 import inspect
+import numbers
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
@@ -23,6 +27,10 @@ import numpy as np
 from scipy import ndimage
 
 from segjax.errors import ConfigError, DataError
+# Re-exported, so that segjax.losses is the one place losses are found.
+from segjax.region_losses import (  # noqa: F401
+    MS_SSIM_WEIGHTS, dice_loss, iou_loss, lovasz_grad, lovasz_softmax,
+    ms_ssim, ms_ssim_loss)
 
 Array = Any
 
@@ -87,6 +95,73 @@ def cross_entropy(logits: Array,
   total = jnp.sum(weights)
   # Dividing by 1 where the total is 0 keeps both value and gradient at 0.
   return jnp.sum(weights * nll) / jnp.where(total > 0, total, 1.0)
+
+
+def focal_loss(logits: Array,
+               labels: Array,
+               gamma: float = 2.0,
+               alpha: Optional[Union[float, Array]] = None,
+               ignore_index: int = 255,
+               pixel_weights: Optional[Array] = None) -> jax.Array:
+  """Softmax focal loss (Lin et al. 2017), mean over the counted pixels.
+
+    FL_i = -alpha_t (1 - p_t)^gamma log p_t,  p_t = softmax(logits_i)[y_i]
+
+  loss = sum_i w_i FL_i / sum_i w_i with w_i the pixel weights: unlike
+  `cross_entropy`'s class weights, alpha is not in the denominator (the paper
+  normalises by the number of anchors, not by the sum of alpha_t).
+  gamma = 0 and alpha = None give cross-entropy.
+
+  Args:
+    logits: [N, H, W, K] float, any dtype; computed in float32.
+    labels: [N, H, W] int; `ignore_index` and labels outside [0, K) are not
+      counted.
+    gamma: focusing parameter (a Python number, >= 0).
+    alpha: None, a scalar, or [K] float: alpha_t = alpha[y_i].
+    ignore_index: label value that is not counted.
+    pixel_weights: optional [N] (per example) or [N, H, W] (per pixel) float.
+
+  Returns:
+    float32 scalar; 0 (with zero gradient) when no pixel is counted.
+  """
+  logits = jnp.asarray(logits).astype(jnp.float32)
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  num_classes = logits.shape[-1]
+  if labels.shape != logits.shape[:-1]:
+    raise ValueError(f"labels {labels.shape} must match logits "
+                     f"{logits.shape} without the class axis")
+  if gamma < 0:
+    raise ConfigError(f"focal loss gamma={gamma} must be >= 0.")
+  counted = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+  safe_labels = jnp.where(counted, labels, 0)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  log_pt = jnp.take_along_axis(log_probs, safe_labels[..., None],
+                               axis=-1)[..., 0]
+  # 1 - p_t via expm1: exact for confident pixels, where 1 - exp() cancels.
+  one_minus_pt = -jnp.expm1(log_pt)
+  if gamma == 0:
+    modulating = 1.0
+  elif float(gamma).is_integer():
+    modulating = jax.lax.integer_pow(one_minus_pt, int(gamma))
+  else:
+    # x^gamma has an infinite slope at x = 0 for gamma < 1; the clamp keeps
+    # the gradient finite at p_t = 1 and changes the value by < 1e-12^gamma.
+    modulating = jnp.power(jnp.maximum(one_minus_pt, 1e-12), gamma)
+  fl = -modulating * log_pt
+  if alpha is not None:
+    alpha = jnp.asarray(alpha, jnp.float32)
+    if alpha.ndim == 1:
+      if alpha.shape != (num_classes,):
+        raise ConfigError(
+            f"focal alpha has shape {alpha.shape} but the model has "
+            f"{num_classes} classes; give one alpha per class or a scalar.")
+      alpha = alpha[safe_labels]
+    fl = alpha * fl
+  weights = counted.astype(jnp.float32)
+  if pixel_weights is not None:
+    weights = weights * _broadcast_pixel_weights(pixel_weights, labels.shape)
+  total = jnp.sum(weights)
+  return jnp.sum(weights * fl) / jnp.where(total > 0, total, 1.0)
 
 
 def balanced_class_weights(label: np.ndarray,
@@ -179,7 +254,7 @@ def unet_weight_map(label: np.ndarray,
 
 
 # ----------------------------------------------------------------------------
-# Registry: name -> loss_fn(logits, batch) -> scalar.
+# Registry: name -> loss_fn(outputs, batch) -> scalar.
 
 
 def _logits_of(outputs: Union[Array, Mapping[str, Array]]) -> Array:
@@ -213,41 +288,173 @@ def _unet_weighted_loss(outputs, batch, ignore_index=255, class_weights=None):
                        pixel_weights=batch["weight"])
 
 
+def _focal_loss(outputs, batch, gamma=2.0, alpha=None, ignore_index=255):
+  """Focal loss; batch["weight"] ([N] or [N, H, W]) weights the mean."""
+  return focal_loss(_logits_of(outputs), batch["label"], gamma=gamma,
+                    alpha=alpha, ignore_index=ignore_index,
+                    pixel_weights=batch.get("weight"))
+
+
+def _dice_loss(outputs, batch, ignore_index=255, smooth=0.0, eps=1e-7,
+               skip_absent=True, squared=False, mode="multiclass"):
+  """Soft Dice; batch["weight"] scales each pixel in the class sums."""
+  return dice_loss(_logits_of(outputs), batch["label"],
+                   ignore_index=ignore_index, smooth=smooth, eps=eps,
+                   skip_absent=skip_absent, squared=squared, mode=mode,
+                   pixel_weights=batch.get("weight"))
+
+
+def _iou_loss(outputs, batch, ignore_index=255, smooth=0.0, eps=1e-7,
+              skip_absent=True, mode="multiclass"):
+  """Soft Jaccard; batch["weight"] scales each pixel in the class sums."""
+  return iou_loss(_logits_of(outputs), batch["label"],
+                  ignore_index=ignore_index, smooth=smooth, eps=eps,
+                  skip_absent=skip_absent, mode=mode,
+                  pixel_weights=batch.get("weight"))
+
+
+def _lovasz_loss(outputs, batch, ignore_index=255, per_image=False,
+                 classes="present"):
+  """Lovász-Softmax; pixels with batch["weight"] == 0 are not counted."""
+  return lovasz_softmax(_logits_of(outputs), batch["label"],
+                        ignore_index=ignore_index, per_image=per_image,
+                        classes=classes, pixel_weights=batch.get("weight"))
+
+
+def _ms_ssim_loss(outputs, batch, ignore_index=255, data_range=1.0,
+                  win_size=11, sigma=1.5, k1=0.01, k2=0.03,
+                  weights=MS_SSIM_WEIGHTS):
+  """1 - MS-SSIM; pixels with batch["weight"] == 0 are not counted."""
+  return ms_ssim_loss(_logits_of(outputs), batch["label"],
+                      ignore_index=ignore_index, data_range=data_range,
+                      win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+                      weights=weights, pixel_weights=batch.get("weight"))
+
+
+def _unet3p_hybrid_loss(outputs, batch, ignore_index=255, gamma=2.0,
+                        alpha=None, data_range=1.0):
+  """UNet 3+'s hybrid loss (Huang et al. 2020, eq. 4): focal + MS-SSIM + IoU.
+
+  Pixel-level (focal), patch-level (MS-SSIM) and map-level (IoU) terms,
+  summed with weight 1 each. For other weights, use the "sum" loss.
+  """
+  return (_focal_loss(outputs, batch, gamma, alpha, ignore_index)
+          + _ms_ssim_loss(outputs, batch, ignore_index, data_range)
+          + _iou_loss(outputs, batch, ignore_index))
+
+
 LOSSES = {
     "cross_entropy": _cross_entropy_loss,
     "unet_weighted": _unet_weighted_loss,
+    "focal": _focal_loss,
+    "dice": _dice_loss,
+    "iou": _iou_loss,
+    "lovasz_softmax": _lovasz_loss,
+    "ms_ssim": _ms_ssim_loss,
+    "unet3p_hybrid": _unet3p_hybrid_loss,
 }
+
+# Options that are per-class arrays: converted once from a config tuple.
+_ARRAY_OPTIONS = ("class_weights", "alpha")
 
 
 def available() -> list:
   """Names `get_loss` accepts."""
-  return sorted(LOSSES)
+  return sorted(LOSSES) + sorted(COMBINATORS)
+
+
+def _with_aux(loss_fn, aux_weight: float, name: str):
+  """loss(outputs) + aux_weight * mean of loss(aux) over outputs["aux"]."""
+
+  def loss(outputs, batch):
+    aux = outputs.get("aux") if isinstance(outputs, Mapping) else None
+    if not aux:
+      raise ConfigError(
+          f"loss {name!r} has aux_weight={aux_weight} but the model returned "
+          "no auxiliary logits (outputs['aux']); enable the model's deep "
+          "supervision / aux head, or set aux_weight=0.")
+    aux_loss = sum(loss_fn(logits, batch) for logits in aux) / len(aux)
+    return loss_fn(outputs, batch) + aux_weight * aux_loss
+
+  return loss
+
+
+def _sum_term(term) -> tuple:
+  """One entry of the "sum" loss's terms -> (name, weight, kwargs)."""
+  if isinstance(term, Mapping) or hasattr(term, "get"):
+    unknown = sorted(set(term) - {"name", "weight", "kwargs"})
+    if "name" not in term or unknown:
+      raise ConfigError(f"a 'sum' loss term must have 'name' and optionally "
+                        f"'weight' and 'kwargs', got {dict(term)}.")
+    return term["name"], term.get("weight", 1.0), term.get("kwargs") or {}
+  if isinstance(term, (list, tuple)) and 1 <= len(term) <= 3:
+    name, weight, kwargs = tuple(term) + ((1.0, {})[len(term) - 1:])
+    return name, weight, kwargs or {}
+  raise ConfigError(f"a 'sum' loss term must be (name, weight, kwargs) or a "
+                    f"dict with those keys, got {term!r}.")
+
+
+def _build_sum(terms=()):
+  """The "sum" loss: sum_j weight_j * loss_j, each loss_j from the registry."""
+  if not terms:
+    raise ConfigError("the 'sum' loss needs terms, e.g. kwargs.terms="
+                      "[('focal', 1.0, {}), ('dice', 0.5, {})].")
+  built = []
+  for term in terms:
+    name, weight, kwargs = _sum_term(term)
+    built.append((float(weight), get_loss(name, **dict(kwargs))))
+
+  def loss(outputs, batch):
+    return sum(weight * fn(outputs, batch) for weight, fn in built)
+
+  return loss
+
+
+# name -> builder(**kwargs) -> loss_fn: losses made of registered losses.
+COMBINATORS = {"sum": _build_sum}
 
 
 def get_loss(name: str, **kwargs) -> Callable[[Any, Mapping[str, Array]],
                                               jax.Array]:
-  """Returns `loss_fn(logits_or_outputs, batch) -> float32 scalar`.
+  """Returns `loss_fn(outputs, batch) -> float32 scalar`.
+
+  `outputs` is the model's output dict (or its "logits" array) and batch has
+  "label" [N, H, W] and optionally "weight" ([N, H, W] or [N]).
 
   Args:
-    name: a key of LOSSES.
+    name: a key of LOSSES, or "sum" with `terms=[(name, weight, kwargs),
+      ...]` (or dicts with those keys): the weighted sum of registered losses.
     **kwargs: the loss's options, e.g. ignore_index=255, class_weights=[...].
+      Every loss also takes `aux_weight` (default 0): deep supervision, total
+      = loss(outputs["logits"]) + aux_weight * mean_j loss(outputs["aux"][j]),
+      the same loss on every auxiliary logits map (e.g. aux_weight=0.4 with
+      torchvision's one aux head; UNet 3+'s sum over its 4 side outputs is
+      aux_weight=4).
 
   Raises:
     ConfigError: for an unknown name or option.
   """
-  if name not in LOSSES:
+  if name not in LOSSES and name not in COMBINATORS:
     raise ConfigError(f"unknown loss {name!r}; valid losses are: "
                       f"{', '.join(available())}.")
-  fn = LOSSES[name]
-  options = list(inspect.signature(fn).parameters)[2:]
+  aux_weight = kwargs.pop("aux_weight", 0.0) or 0.0
+  if not isinstance(aux_weight, numbers.Real) or aux_weight < 0:
+    raise ConfigError(f"aux_weight={aux_weight!r} must be a number >= 0.")
+  fn = LOSSES[name] if name in LOSSES else COMBINATORS[name]
+  options = list(inspect.signature(fn).parameters)
+  options = options[2:] if name in LOSSES else options  # past (outputs, batch)
   unknown = sorted(set(kwargs) - set(options))
   if unknown:
+    options.append("aux_weight")
     raise ConfigError(f"loss {name!r} has no option(s) {', '.join(unknown)}; "
                       f"its options are: {', '.join(options)}.")
-  if kwargs.get("class_weights") is not None:
-    # A tuple from a config, converted once rather than at every trace.
-    kwargs["class_weights"] = np.asarray(kwargs["class_weights"], np.float32)
-  return functools.partial(fn, **kwargs)
+  for key in _ARRAY_OPTIONS:
+    if kwargs.get(key) is not None:
+      # A tuple from a config, converted once rather than at every trace.
+      kwargs[key] = np.asarray(kwargs[key], np.float32)
+  loss_fn = fn(**kwargs) if name in COMBINATORS else functools.partial(
+      fn, **kwargs)
+  return _with_aux(loss_fn, float(aux_weight), name) if aux_weight else loss_fn
 
 
 def make_loss(
@@ -260,8 +467,9 @@ def make_loss(
       "kwargs": {"ignore_index": 255}}.
 
   Returns:
-    `loss_fn(logits_or_outputs, batch) -> float32 scalar`, where batch has
-    "label" [N, H, W] and optionally "weight" ([N, H, W] or [N]).
+    `loss_fn(outputs, batch) -> float32 scalar`, where outputs is the model's
+    output dict (or its logits) and batch has "label" [N, H, W] and
+    optionally "weight" ([N, H, W] or [N]).
   """
   if isinstance(config, str):
     return get_loss(config)

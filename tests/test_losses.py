@@ -93,6 +93,151 @@ def test_cross_entropy_gradient_numerically():
 
 
 # ----------------------------------------------------------------------------
+# Focal loss.
+
+
+def naive_focal(logits, labels, gamma=2.0, alpha=None, ignore_index=255,
+                pixel_weights=None):
+  """Lin et al.'s FL = -alpha_t (1 - p_t)^gamma log p_t, one pixel at a time;
+  the pixel-weighted mean over counted pixels (alpha not in the denominator)."""
+  logits = np.asarray(logits, np.float64)
+  num = den = 0.0
+  for idx in np.ndindex(labels.shape):
+    y = int(labels[idx])
+    if y == ignore_index:
+      continue
+    z = logits[idx]
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    a = 1.0 if alpha is None else (alpha[y] if np.ndim(alpha) else alpha)
+    w = 1.0
+    if pixel_weights is not None:
+      pw = np.asarray(pixel_weights)
+      w = pw[idx[0]] if pw.ndim == 1 else pw[idx]
+    num += w * -a * (1 - p[y])**gamma * math.log(p[y])
+    den += w
+  return num / den if den > 0 else 0.0
+
+
+@pytest.mark.parametrize("gamma,alpha", [
+    (2.0, None), (2.0, (0.25, 0.5, 1.0, 2.0)), (0.5, 0.25), (1.0, None)])
+def test_focal_matches_naive(gamma, alpha):
+  rng, logits, labels = random_inputs(7)
+  pw = rng.uniform(0.1, 3.0, size=labels.shape).astype(np.float32)
+  alpha_arg = None if alpha is None else np.asarray(alpha, np.float32)
+  got, weighted = jax.jit(lambda z: (
+      losses.focal_loss(z, labels, gamma=gamma, alpha=alpha_arg),
+      losses.focal_loss(z, labels, gamma=gamma, alpha=alpha_arg,
+                        pixel_weights=pw)))(logits)
+  assert got.dtype == jnp.float32 and got.shape == ()
+  np.testing.assert_allclose(got, naive_focal(logits, labels, gamma, alpha),
+                             rtol=1e-5)
+  np.testing.assert_allclose(
+      weighted, naive_focal(logits, labels, gamma, alpha, pixel_weights=pw),
+      rtol=1e-5)
+
+
+def test_focal_gamma_zero_is_cross_entropy_and_down_weights_easy_pixels():
+  _, logits, labels = random_inputs(8)
+  focal0, ce, focal2 = jax.jit(lambda z: (
+      losses.focal_loss(z, labels, gamma=0.0), losses.cross_entropy(z, labels),
+      losses.focal_loss(z, labels, gamma=2.0)))(logits)
+  np.testing.assert_allclose(focal0, ce, rtol=1e-6)
+  assert float(focal2) < float(ce)
+  # A confident, correct pixel: p_t = 1 - 1e-9 still gives a finite, tiny
+  # loss and gradient (1 - p_t computed with expm1), even for gamma < 1.
+  z = jnp.array([[[[30.0, 9.3, 0.0]]]])
+  for gamma in (2.0, 0.5):
+    value, grad = jax.jit(jax.value_and_grad(losses.focal_loss),
+                          static_argnums=2)(z, np.zeros((1, 1, 1), np.int32),
+                                            gamma)
+    assert 0 <= float(value) < 1e-8 and np.all(np.isfinite(grad))
+  with pytest.raises(ConfigError, match="alpha"):
+    losses.focal_loss(logits, labels, alpha=np.ones(3))
+
+
+# ----------------------------------------------------------------------------
+# Registry: the region losses, "sum", aux_weight.
+
+
+def test_every_registered_loss_builds_from_a_config():
+  from ml_collections import ConfigDict
+  rng, logits, labels = random_inputs(9, h=16, w=16, k=3)
+  batch = {"label": labels, "weight": np.ones(labels.shape, np.float32)}
+  fns = {}
+  for name in losses.available():
+    kwargs = ({"terms": [("focal", 1.0), ("dice", 0.5)]} if name == "sum"
+              else {"ignore_index": 255})
+    fns[name] = losses.make_loss(ConfigDict({"name": name, "kwargs": kwargs}))
+  values = jax.jit(lambda o: {name: fn(o, batch) for name, fn in fns.items()})(
+      {"logits": logits})
+  for name, value in values.items():
+    assert np.isfinite(float(value)) and float(value) > 0, name
+
+
+def test_unet3p_hybrid_and_sum_combinator():
+  _, logits, labels = random_inputs(10, h=16, w=16, k=3)
+  batch = {"label": labels}
+  out = {"logits": logits}
+  summed = losses.make_loss({"name": "sum", "kwargs": {"terms": [
+      ("focal", 2.0, {"gamma": 2.0}),
+      {"name": "dice", "weight": 0.5},
+      ("iou",)]}})
+  names = ("focal", "ms_ssim", "iou", "dice", "unet3p_hybrid")
+  hybrid = losses.get_loss("unet3p_hybrid")
+  ignored = {"label": np.full_like(labels, 255)}
+  parts, summed_value, (value, grad) = jax.jit(lambda o: (
+      {n: losses.get_loss(n)(o, batch) for n in names}, summed(o, batch),
+      jax.value_and_grad(hybrid)(o, ignored)))(out)
+  # All ignored: 0, with a zero (not NaN) gradient.
+  assert float(value) == 0.0
+  assert np.all(np.isfinite(grad["logits"])) and not np.any(grad["logits"])
+  np.testing.assert_allclose(
+      parts["unet3p_hybrid"],
+      parts["focal"] + parts["ms_ssim"] + parts["iou"], rtol=1e-6)
+  np.testing.assert_allclose(
+      summed_value,
+      2 * parts["focal"] + 0.5 * parts["dice"] + parts["iou"], rtol=1e-6)
+  with pytest.raises(ConfigError, match="terms"):
+    losses.get_loss("sum")
+  with pytest.raises(ConfigError, match="gama"):
+    losses.get_loss("sum", terms=[("focal", 1.0, {"gama": 2})])
+  with pytest.raises(ConfigError, match="unknown loss"):
+    losses.get_loss("sum", terms=[("focall", 1.0)])
+
+
+def test_aux_weight_adds_the_mean_loss_over_aux_logits():
+  rng, logits, labels = random_inputs(11)
+  aux = [rng.normal(size=logits.shape).astype(np.float32) for _ in range(2)]
+  batch = {"label": labels}
+  for name in ("cross_entropy", "dice"):
+    plain = losses.get_loss(name)
+    with_aux = losses.get_loss(name, aux_weight=0.4)
+    outputs = {"logits": logits, "aux": aux}
+    got, main, aux0, aux1, ignoring_aux = jax.jit(lambda o: (
+        with_aux(o, batch), plain(o["logits"], batch),
+        plain(o["aux"][0], batch), plain(o["aux"][1], batch),
+        plain(o, batch)))(outputs)
+    np.testing.assert_allclose(got, main + 0.4 * (aux0 + aux1) / 2, rtol=1e-6)
+    # Without aux_weight the aux logits are not used.
+    np.testing.assert_allclose(ignoring_aux, main, rtol=1e-6)
+  # Gradients reach the aux logits.
+  grads = jax.jit(jax.grad(lambda o: losses.get_loss("focal", aux_weight=1.0)(
+      o, batch)))({"logits": jnp.asarray(logits), "aux": [jnp.asarray(aux[0])]})
+  assert np.any(grads["aux"][0]) and np.all(np.isfinite(grads["aux"][0]))
+  # Also through make_loss's kwargs, and for "sum".
+  fn = losses.make_loss({"name": "sum", "kwargs": {
+      "terms": [("cross_entropy", 1.0)], "aux_weight": 0.5}})
+  np.testing.assert_allclose(
+      jax.jit(fn)({"logits": logits, "aux": aux[:1]}, batch),
+      naive_cross_entropy(logits, labels)
+      + 0.5 * naive_cross_entropy(aux[0], labels), rtol=1e-5)
+  with pytest.raises(ConfigError, match="aux"):
+    losses.get_loss("dice", aux_weight=0.4)({"logits": logits}, batch)
+  with pytest.raises(ConfigError, match="aux_weight"):
+    losses.get_loss("dice", aux_weight=-1.0)
+
+
+# ----------------------------------------------------------------------------
 # U-Net weight map.
 
 
@@ -195,7 +340,7 @@ def test_make_loss_cross_entropy_and_unet_weighted():
 
 
 def test_registry_errors_list_valid_choices():
-  with pytest.raises(ConfigError, match="cross_entropy, unet_weighted"):
+  with pytest.raises(ConfigError, match="cross_entropy, dice, focal"):
     losses.get_loss("dice_typo")
   with pytest.raises(ConfigError, match="ignore_index"):
     losses.get_loss("cross_entropy", ignore_idx=0)
