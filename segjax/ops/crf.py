@@ -17,21 +17,33 @@ per-pixel constant, which the softmax removes.
 Two paths compute K Q:
   "exact": the explicit N x N kernels, for images up to ~64 x 64.
   "fast":  the Gaussian kernel as an exact separable convolution (truncated
-           at 4 sigma), the bilateral one on a bilateral grid (splat with
-           5-linear weights onto cells one sigma wide, blur with a 3-tap box
-           along each axis so the total variance is one sigma^2, slice).
-           The grid replaces densecrf's permutohedral lattice; both are
-           approximations of the same Gaussian, and tests measure the error.
+           at 4 sigma), the bilateral one on a permutohedral lattice as in
+           densecrf (segjax/ops/lattice.py): each pixel is splatted onto the
+           6 vertices of its lattice simplex, the lattice is blurred with
+           [1/2 1 1/2] along its 6 directions, and read back (sliced). The
+           lattice is built once per call (one sort); an iteration costs a
+           scatter-add and a gather of 6 rows per pixel plus the blur. Its
+           kernel is an approximation of the Gaussian (total weight K~ 1 off
+           by ~10 % per pixel before normalisation). Measured: against
+           "exact" on the 24 x 28 test scene (5 iterations) mean |dQ| 1e-3,
+           labels agree on 99.85 %; on 48 x 48 scenes 3e-5 and 100 %;
+           against pydensecrf (10 iterations, 48 x 48 and 96 x 112) mean
+           |dQ| 3e-6 and 1.5e-6, labels agree on 100 %. One CPU core, K = 21,
+           10 iterations (process CPU time): 0.11 s at 128 x 128, 0.44 s at
+           256 x 256, 1.5 s at 512 x 512; the bilateral grid it replaced
+           took 1.7, 6.4 and ~24.5 s.
+           The number of lattice points is only known at run time; the
+           mean field runs in a lax.switch branch sized for it, so under
+           vmap every branch runs: batch images along N instead.
 Everything is differentiable w.r.t. the unary logits and the compat
 weights, so the CRF can be trained end to end (CRF-as-RNN).
 """
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from segjax.errors import ConfigError
+from segjax.ops import lattice
 
 EXACT_MAX_PIXELS = 64 * 64
 
@@ -63,86 +75,54 @@ def _exact_filter(feats):
                                      precision=jax.lax.Precision.HIGHEST)
 
 
-def _gaussian_taps(sigma):
-  r = int(np.ceil(4 * sigma))
-  t = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2).astype(np.float32)
-  return jnp.asarray(t)
+def _normalised(raw, ones_shape):
+  """Symmetric normalisation (densecrf's default): q -> D^-1/2 raw(D^-1/2 q)."""
+  norm = jax.lax.rsqrt(raw(jnp.ones(ones_shape, jnp.float32)) + 1e-20)
+  return lambda q: norm * raw(norm * q)
+
+
+def _blur_rows(x, taps):
+  """Zero-padded symmetric 1-D filter of x [N, H, W, C] along H; taps [r+1]."""
+  r, size = len(taps) - 1, x.shape[1]
+  xp = jnp.pad(x, ((0, 0), (r, r), (0, 0), (0, 0)))
+  at = lambda t: xp[:, r + t:r + t + size]
+  y = taps[0] * at(0)
+  for t in range(1, r + 1):
+    y = y + taps[t] * (at(-t) + at(t))
+  # Keep XLA from fusing this pass into its consumers, which would
+  # recompute every tap once per consumer.
+  return jax.lax.optimization_barrier(y)
 
 
 def _separable_gaussian(x, sigma):
-  """Zero-padded Gaussian blur of x [N, H, W, K] along H and W (exact taps)."""
-  taps = _gaussian_taps(sigma)
-  r = (taps.shape[0] - 1) // 2
-  n, h, w, k = x.shape
-  # Channels become batch so one 1-channel conv kernel serves every label.
-  y = x.transpose(0, 3, 1, 2).reshape(n * k, h, w, 1)
-  dn = ("NHWC", "HWIO", "NHWC")
-  hp = jax.lax.Precision.HIGHEST
-  y = jax.lax.conv_general_dilated(y, taps.reshape(-1, 1, 1, 1), (1, 1), ((r, r), (0, 0)),
-                                   dimension_numbers=dn, precision=hp)
-  y = jax.lax.conv_general_dilated(y, taps.reshape(1, -1, 1, 1), (1, 1), ((0, 0), (r, r)),
-                                   dimension_numbers=dn, precision=hp)
-  return y.reshape(n, k, h, w).transpose(0, 2, 3, 1)
+  """Zero-padded Gaussian blur of x [N, H, W, C] along H and W, taps to 4 sigma.
 
-
-def _gaussian_filter(n, h, w, sxy):
-  """Returns q [N, H*W, K] -> normalised Gaussian (position) message."""
-  ones = jnp.ones((1, h, w, 1), jnp.float32)
-  norm = jax.lax.rsqrt(_separable_gaussian(ones, sxy) + 1e-20).reshape(1, h * w, 1)
-
-  def apply(q):
-    k = q.shape[-1]
-    y = _separable_gaussian((norm * q).reshape(n, h, w, k), sxy)
-    return norm * y.reshape(n, h * w, k)
-  return apply
-
-
-def _grid_filter(feats, ranges):
-  """Bilateral grid: q [N, P, K] -> D^-1/2 K~ D^-1/2 q, K~ ~ exp(-|df|^2 / 2).
-
-  Args:
-    feats: [N, P, D] features in units of sigma, each in [0, ranges[d]].
-    ranges: static per-dimension maximum of the features.
+  Shifted multiply-adds along the major axis H, which XLA fuses into one
+  pass; W is done the same way between two transposes (shifts along W with
+  stride C fuse badly). On one CPU core ~15x faster than the batch of
+  1-channel convolutions used before, ~8x than a depthwise convolution.
   """
-  n, p, d = feats.shape
-  dims = [int(np.floor(r)) + 2 for r in ranges]
-  strides = np.cumprod([1] + dims[::-1])[::-1][1:]
-  cells = int(np.prod(dims))
-  base = jnp.floor(feats)
-  frac = feats - base
-  base = base.astype(jnp.int32)
-  idx, wgt = [], []
-  for corner in itertools.product((0, 1), repeat=d):
-    c = jnp.asarray(corner, jnp.int32)
-    idx.append(jnp.sum((base + c) * jnp.asarray(strides, jnp.int32), -1))
-    wgt.append(jnp.prod(jnp.where(c == 1, frac, 1 - frac), -1))
-  idx = jnp.stack(idx, -1).reshape(n, -1)                  # [N, P * 2^D]
-  wgt = jnp.stack(wgt, -1)                                  # [N, P, 2^D]
-  # A 3-tap box per axis has variance 2/3 cell^2; the linear splat and slice
-  # add 1/6 each: one sigma^2 in total, as the Gaussian it stands for.
-  box = jnp.full((3,), 1.0 / 3.0, jnp.float32)
+  r = int(np.ceil(4 * sigma))
+  taps = np.exp(-0.5 * (np.arange(r + 1) / sigma) ** 2).astype(np.float32)
+  x = _blur_rows(x, taps)
+  return jnp.swapaxes(_blur_rows(jnp.swapaxes(x, 1, 2), taps), 1, 2)
 
-  def blur(g):
-    k = g.shape[-1]
-    g = g.reshape((n,) + tuple(dims) + (k,))
-    for ax in range(1, d + 1):
-      pad = [(0, 0)] * g.ndim
-      pad[ax] = (1, 1)
-      gp = jnp.pad(g, pad)
-      size = g.shape[ax]
-      g = sum(box[t] * jax.lax.slice_in_dim(gp, t, t + size, axis=ax) for t in range(3))
-    return g.reshape(n, cells, k)
+
+def _gaussian_filter(h, w, sxy):
+  """Returns q [N, H*W, K] -> normalised Gaussian (position) message."""
+  def raw(q):
+    return _separable_gaussian(q.reshape(q.shape[0], h, w, -1), sxy).reshape(q.shape)
+  return _normalised(raw, (1, h * w, 1))
+
+
+def _lattice_filter(lat, cap, n, p):
+  """Returns q [N, P, K] -> normalised bilateral message; needs lat.count <= cap."""
+  nbrs = lattice.neighbours(lat, cap)
 
   def raw(q):
-    k = q.shape[-1]
-    vals = (wgt[..., None] * q[:, :, None, :]).reshape(n, -1, k)
-    grid = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=cells))(vals, idx)
-    grid = blur(grid)
-    got = jnp.take_along_axis(grid, idx[..., None], axis=1).reshape(n, p, -1, k)
-    return jnp.sum(got * wgt[..., None], axis=2)
-
-  norm = jax.lax.rsqrt(raw(jnp.ones((n, p, 1), jnp.float32)) + 1e-20)
-  return lambda q: norm * raw(norm * q)
+    q = jnp.broadcast_to(q, (n, p, q.shape[-1]))
+    return lattice.blur_filter(lat, nbrs, q.reshape(n * p, -1)).reshape(n, p, -1)
+  return _normalised(raw, (1, p, 1))
 
 
 def dense_crf(unary_logits: jax.Array, image: jax.Array, num_iters: int = 10,
@@ -159,8 +139,10 @@ def dense_crf(unary_logits: jax.Array, image: jax.Array, num_iters: int = 10,
     bilateral_sxy, bilateral_srgb, bilateral_compat: appearance kernel
       widths (pixels, colour levels) and weight. Compat weights may be
       traced arrays (learned); the widths are static.
-    method: "exact" (N x N kernels), "fast" (convolution + bilateral grid)
-      or "auto" (exact up to EXACT_MAX_PIXELS pixels).
+    method: "exact" (N x N kernels), "fast" (convolution + permutohedral
+      lattice) or "auto" (exact up to EXACT_MAX_PIXELS pixels). Under vmap
+      the fast path runs every lattice capacity (see the module docstring);
+      pass the images as the batch dimension N instead.
 
   Returns:
     [N, H, W, K] float32 label probabilities.
@@ -175,22 +157,27 @@ def dense_crf(unary_logits: jax.Array, image: jax.Array, num_iters: int = 10,
   n, h, w, k = unary_logits.shape
   if method == "auto":
     method = "exact" if h * w <= EXACT_MAX_PIXELS else "fast"
-  if method == "exact":
-    smooth = _exact_filter(_features(image, gaussian_sxy))
-    appear = _exact_filter(_features(image, bilateral_sxy, bilateral_srgb))
-  elif method == "fast":
-    smooth = _gaussian_filter(n, h, w, gaussian_sxy)
-    feats = _features(jnp.clip(image.astype(jnp.float32), 0, 255), bilateral_sxy,
-                      bilateral_srgb)
-    ranges = [(w - 1) / bilateral_sxy, (h - 1) / bilateral_sxy] + [255.0 / bilateral_srgb] * 3
-    appear = _grid_filter(feats, ranges)
-  else:
+  if method not in ("exact", "fast"):
     raise ConfigError(f"dense_crf method must be 'auto', 'exact' or 'fast', got {method!r}.")
   unary = unary_logits.astype(jnp.float32).reshape(n, h * w, k)
 
-  def step(q, _):
-    logits = unary + gaussian_compat * smooth(q) + bilateral_compat * appear(q)
-    return jax.nn.softmax(logits, -1), None
+  def mean_field(smooth, appear):
+    def step(q, _):
+      logits = unary + gaussian_compat * smooth(q) + bilateral_compat * appear(q)
+      return jax.nn.softmax(logits, -1), None
+    q, _ = jax.lax.scan(step, jax.nn.softmax(unary, -1), None, length=num_iters)
+    return q.reshape(n, h, w, k)
 
-  q, _ = jax.lax.scan(step, jax.nn.softmax(unary, -1), None, length=num_iters)
-  return q.reshape(n, h, w, k)
+  if method == "exact":
+    return mean_field(_exact_filter(_features(image, gaussian_sxy)),
+                      _exact_filter(_features(image, bilateral_sxy, bilateral_srgb)))
+  smooth = _gaussian_filter(h, w, gaussian_sxy)
+  feats = _features(jnp.clip(image.astype(jnp.float32), 0, 255), bilateral_sxy, bilateral_srgb)
+  ranges = [(w - 1) / bilateral_sxy, (h - 1) / bilateral_sxy] + [255.0 / bilateral_srgb] * 3
+  lat = lattice.build(feats, ranges)
+  # The blur costs O(capacity) per iteration but the number of lattice
+  # points is only known at run time (typically 0.1 to 2 per pixel, at most
+  # 6): run the mean field with the smallest capacity that holds them.
+  caps = lattice.capacities(lat.vert.shape[0])
+  branches = [lambda c=c: mean_field(smooth, _lattice_filter(lat, c, n, h * w)) for c in caps]
+  return jax.lax.switch(jnp.searchsorted(jnp.asarray(caps), lat.count), branches)

@@ -58,9 +58,10 @@ def test_fast_path_error_against_exact(small):
   exact = np.asarray(dense_crf(logits[None], image[None], method="exact", **PARAMS))[0]
   fast = np.asarray(dense_crf(logits[None], image[None], method="fast", **PARAMS))[0]
   err = np.abs(fast - exact)
-  # Measured: mean |dQ| ~ 1e-2, labels agree on > 98 % of pixels.
-  assert err.mean() < 0.03, err.mean()
-  assert (fast.argmax(-1) == exact.argmax(-1)).mean() > 0.97
+  # Permutohedral lattice, measured: mean |dQ| 1.0e-3, labels agree on
+  # 99.85 % of pixels (one of 672); 48 x 48 scenes: 3e-5 and 100 %.
+  assert err.mean() < 0.005, err.mean()
+  assert (fast.argmax(-1) == exact.argmax(-1)).mean() > 0.99
 
 
 @pytest.mark.parametrize("method,size", [("exact", (48, 48)), ("fast", (48, 48)),
@@ -83,6 +84,14 @@ def test_grads_vmap_and_errors(small):
                               atol=1e-2, rtol=1e-2)
   batched = jax.vmap(lambda x, i: dense_crf(x, i, num_iters=2))(u[None], im[None])
   np.testing.assert_allclose(batched[0], dense_crf(u, im, num_iters=2), atol=1e-6)
+  # Fast path: a batch of two images (one lattice for both) and vmap (every
+  # lattice capacity runs) give the per-image results.
+  u2 = jnp.stack([logits, logits[::-1, ::-1]])
+  im2 = jnp.stack([image, 255 - image])
+  fast = lambda x, i: dense_crf(x, i, num_iters=2, method="fast")
+  single = np.concatenate([fast(u2[b:b + 1], im2[b:b + 1]) for b in range(2)])
+  np.testing.assert_allclose(jax.jit(fast)(u2, im2), single, atol=1e-5)
+  np.testing.assert_allclose(jax.vmap(fast)(u2[:, None], im2[:, None])[:, 0], single, atol=1e-5)
   with pytest.raises(ConfigError):
     dense_crf(u, im[..., :2])
   with pytest.raises(ConfigError):
