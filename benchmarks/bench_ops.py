@@ -9,14 +9,14 @@ where importable, with the ratio (torch time / segjax time; > 1 is faster).
 """
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from segjax import ops
+
+from timing import compile_jax, median_time
 
 try:
   import torch
@@ -26,19 +26,11 @@ except ImportError:  # torch is optional
 
 
 def timeit(fn, runs):
-  fn()
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return median_time(fn, runs)
 
 
 def bench_jax(f, args, runs):
-  t = time.perf_counter()
-  compiled = jax.jit(f).lower(*args).compile()
-  compile_s = time.perf_counter() - t
+  compiled, compile_s, _ = compile_jax(f, *args)
   med = timeit(lambda: jax.block_until_ready(compiled(*args)), runs)
   return med, compile_s
 
@@ -64,6 +56,7 @@ def main():
   runs = a.runs or (3 if a.quick else 20)
   rng = np.random.RandomState(0)
   rows = []
+  img_h, img_w = 800, 1344  # a Mask R-CNN input: FPN maps 200x336 ... 25x42
 
   def add(name, work, unit, med, compile_s, ref=None, note=""):
     rows.append(dict(op=name, median_s=med, compile_s=compile_s, throughput=work / med,
@@ -76,7 +69,6 @@ def main():
   # --- roi_align ---------------------------------------------------------
   if "roi" in sections:
     k, c = (64, 64) if a.quick else (512, 256)
-    img_h, img_w = 800, 1344
     feats = jnp.asarray(rng.randn(2, 200, 336, c).astype(np.float32))
     boxes = jnp.asarray(boxes_for(rng, k, img_h, img_w))
     bidx = jnp.asarray(rng.randint(0, 2, k).astype(np.int32))

@@ -13,8 +13,6 @@ and torch.compile on GPU) and the ratio printed.
 """
 import argparse
 import json
-import resource
-import statistics
 import sys
 import time
 
@@ -27,31 +25,7 @@ from segjax import losses, models
 from segjax.train import optim, parallel, steps
 from segjax.train.state import init_state
 
-# Dense peak FLOP/s per device, for MFU (bfloat16 / float32 tensor-core rates).
-PEAK_FLOPS = {
-    "H100": {"bfloat16": 989e12, "float32": 494e12},  # fp32 via TF32
-    "H200": {"bfloat16": 989e12, "float32": 494e12},
-    "A100": {"bfloat16": 312e12, "float32": 156e12},
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-    "TPU v5": {"bfloat16": 197e12, "float32": 197e12},
-}
-
-
-def _peak(device, dtype):
-  for name, peaks in PEAK_FLOPS.items():
-    if name.lower() in device.device_kind.lower():
-      return peaks[dtype]
-  return None
-
-
-def _median_time(fn, steps):
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
+from timing import fmt, median_time, peak_flops, peak_memory_mb
 
 def bench_segjax(args):
   par = parallel.Parallel("jit", parallel.make_mesh())
@@ -82,18 +56,10 @@ def bench_segjax(args):
     holder["state"], m = compiled(holder["state"], batch, key)
     jax.block_until_ready(m["loss"])
 
-  for _ in range(args.warmup):
-    step()
-  seconds = _median_time(step, args.steps)
+  seconds = median_time(step, args.steps, args.warmup)
   device = jax.devices()[0]
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and "peak_bytes_in_use" in stats:
-    peak_mb = stats["peak_bytes_in_use"] / 2**20
-    memory_kind = "device peak"
-  else:
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    memory_kind = "process peak RSS"
-  peak = _peak(device, args.dtype)
+  peak_mb, memory_kind = peak_memory_mb()
+  peak = peak_flops(device, args.dtype)
   n = jax.device_count()
   return dict(
       framework="segjax (jax.jit)", device=device.device_kind, devices=n,
@@ -163,9 +129,7 @@ def bench_torch(args):
   start = time.perf_counter()
   step()
   compile_s = time.perf_counter() - start
-  for _ in range(args.warmup):
-    step()
-  seconds = _median_time(step, args.steps)
+  seconds = median_time(step, args.steps, args.warmup)
   return dict(framework=f"PyTorch {torch.__version__} (channels_last"
               f"{', torch.compile' if gpu else ''})",
               device=torch.cuda.get_device_name() if gpu else "cpu", devices=1,
@@ -198,7 +162,7 @@ def main(argv=None):
             "gflops_per_step", "peak_memory_mb", "mfu")
   print(" | ".join(header))
   for row in rows:
-    print(" | ".join(_fmt(row.get(k)) for k in header))
+    print(" | ".join(fmt(row.get(k)) for k in header))
   if len(rows) == 2:
     ratio = rows[1]["step_s"] / rows[0]["step_s"]
     print(f"PyTorch step time / segjax step time: {ratio:.2f} "
@@ -208,14 +172,6 @@ def main(argv=None):
     with open(args.out, "w") as f:
       json.dump(dict(args=vars(args), results=rows), f, indent=2)
   return rows
-
-
-def _fmt(value):
-  if value is None:
-    return "-"
-  if isinstance(value, float):
-    return f"{value:.4g}"
-  return str(value)
 
 
 if __name__ == "__main__":

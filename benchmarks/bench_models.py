@@ -1,0 +1,147 @@
+"""Every registered model: parameters, GFLOPs, train-step and inference throughput.
+
+    python benchmarks/bench_models.py                          # 512x512, batch 8, all models
+    python benchmarks/bench_models.py --models fcn8s,segnet --size 256 --batch 2 --runs 3
+    python benchmarks/bench_models.py --dtype bfloat16 --out bench_models.json
+
+For each model (paper defaults, `num_classes` 21): parameter count, GFLOPs of
+one inference and of one SGD train step (XLA cost analysis of the compiled
+program), compile seconds, median inference and train-step time over --runs
+runs after a warm-up (block_until_ready), images/s, peak memory and, on an
+accelerator with a known peak, MFU of the train step. Where a PyTorch original
+exists (torchvision's fcn_resnet50 / deeplabv3_resnet50) and torch is
+importable, it is timed in the same run and the ratio printed. --flops-only
+skips the timing (what XLA counts needs only compilation).
+"""
+import argparse
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from segjax import losses, models
+from segjax.train import optim, steps
+from segjax.train.state import init_state
+
+from timing import compile_jax, fmt, median_time, peak_flops, peak_memory_mb
+
+# Registry names whose PyTorch original is a torchvision constructor.
+TORCH_ORIGINALS = {"fcn_resnet50": "fcn_resnet50", "deeplab_v3_resnet50": "deeplabv3_resnet50"}
+
+
+def bench_model(name, args):
+  """One row: the model's size, FLOPs and timings."""
+  model = models.build(name, args.classes, dtype=getattr(jnp, args.dtype))
+  opt = ml_collections.ConfigDict(dict(
+      name="sgd", learning_rate=0.01, schedule="constant", warmup_steps=0,
+      weight_decay=0.0, momentum=0.9, grad_clip_norm=0.0))
+  tx, schedule = optim.make_optimizer(opt, 1000)
+  shape = (args.size, args.size, 3)
+  state = jax.jit(init_state, static_argnums=(0, 1, 3))(model, tx, jax.random.PRNGKey(0),
+                                                          shape)
+  params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(args.batch, *shape)).astype(np.float32)),
+           "label": jnp.asarray(rng.integers(0, args.classes, (args.batch, args.size,
+                                                                args.size)).astype(np.int32))}
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  infer = lambda v, x: model.apply(v, x, train=False)["logits"]
+  infer_c, infer_compile, infer_gflops = compile_jax(infer, variables, batch["image"])
+  train = lambda s, b, k: steps.train_step(s, b, k, model=model, tx=tx, schedule=schedule,
+                                           loss_fn=losses.make_loss("cross_entropy"))
+  key = jax.random.PRNGKey(1)
+  train_c, train_compile, train_gflops = compile_jax(train, state, batch, key)
+  row = dict(model=name, params_m=params / 1e6, infer_gflops=infer_gflops,
+             train_gflops=train_gflops, compile_s=infer_compile + train_compile)
+  if args.flops_only:
+    return row
+  infer_s = median_time(lambda: jax.block_until_ready(infer_c(variables, batch["image"])),
+                        args.runs)
+  holder = {"state": state}
+
+  def train_once():
+    holder["state"], m = train_c(holder["state"], batch, key)
+    jax.block_until_ready(m["loss"])
+
+  train_s = median_time(train_once, args.runs)
+  peak = peak_flops(jax.devices()[0], args.dtype)
+  row.update(infer_images_per_sec=args.batch / infer_s, train_images_per_sec=args.batch / train_s,
+             train_step_s=train_s, peak_memory_mb=peak_memory_mb()[0],
+             mfu=train_gflops * 1e9 / train_s / peak if peak else None)
+  torch_s = bench_torch(name, args)
+  if torch_s:
+    row["torch_train_step_s"] = torch_s
+    row["torch_ratio"] = torch_s / train_s
+  return row
+
+
+def bench_torch(name, args):
+  """Train-step seconds of the torchvision original, or None."""
+  if name not in TORCH_ORIGINALS or args.no_torch:
+    return None
+  try:
+    import torch
+    from torchvision.models import segmentation
+  except ImportError:
+    return None
+  gpu = torch.cuda.is_available()
+  device = torch.device("cuda" if gpu else "cpu")
+  net = getattr(segmentation, TORCH_ORIGINALS[name])(
+      weights=None, weights_backbone=None, num_classes=args.classes, aux_loss=False)
+  net = net.to(device).to(memory_format=torch.channels_last).train()
+  opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+  image = torch.randn(args.batch, 3, args.size, args.size, device=device).to(
+      memory_format=torch.channels_last)
+  label = torch.randint(0, args.classes, (args.batch, args.size, args.size), device=device)
+  dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+      loss = torch.nn.functional.cross_entropy(net(image)["out"].float(), label)
+    loss.backward()
+    opt.step()
+    if gpu:
+      torch.cuda.synchronize()
+
+  return median_time(step, args.runs)
+
+
+COLUMNS = ("model", "params_m", "infer_gflops", "train_gflops", "compile_s",
+           "infer_images_per_sec", "train_images_per_sec", "peak_memory_mb", "mfu",
+           "torch_ratio")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default=",".join(models.available()),
+                      help="comma-separated registry names (default: all)")
+  parser.add_argument("--size", type=int, default=512)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--classes", type=int, default=21)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--runs", type=int, default=20)
+  parser.add_argument("--flops-only", action="store_true")
+  parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--out", help="write the rows as JSON here")
+  args = parser.parse_args(argv)
+  print(f"{args.size}x{args.size}, batch {args.batch}, {args.dtype}, {args.classes} classes, "
+        f"median of {args.runs}, {jax.devices()[0].device_kind}")
+  print(" | ".join(COLUMNS), flush=True)
+  rows = []
+  for name in args.models.split(","):
+    row = bench_model(name, args)
+    rows.append(row)
+    print(" | ".join(fmt(row.get(k)) for k in COLUMNS), flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(args=vars(args), device=jax.devices()[0].device_kind, rows=rows), f,
+                indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
