@@ -6,9 +6,8 @@ float32 first, so bfloat16 models still get float32 losses) and int labels
 returns a float32 scalar and is safe when a batch has no counted pixel: the
 value is 0 and so is its gradient, rather than 0/0 = NaN.
 
-`unet_weight_map` is different in kind: it is numpy/scipy code that runs on
-the host, in the input pipeline, and writes the per-pixel weights that the
-"unet_weighted" loss reads from `batch["weight"]`.
+The U-Net weight map the "unet_weighted" loss reads from `batch["weight"]`
+is computed on the host, in the input pipeline (segjax.data.weight_map).
 
 The region losses (soft Dice, soft IoU, Lovász-Softmax, MS-SSIM) live in
 `segjax.region_losses` and are re-exported here.
@@ -24,7 +23,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
 
 from segjax.errors import ConfigError, DataError
 # Re-exported, so that segjax.losses is the one place losses are found.
@@ -97,6 +95,59 @@ def cross_entropy(logits: Array,
   return jnp.sum(weights * nll) / jnp.where(total > 0, total, 1.0)
 
 
+def hard_pixel_weights(logits: Array,
+                       labels: Array,
+                       mode: str = "ohem",
+                       thresh: float = 0.7,
+                       min_kept: int = 100000,
+                       top_k: float = 0.25,
+                       ignore_index: int = 255) -> jax.Array:
+  """The hard pixels that online hard example mining trains on, as 0/1 weights.
+
+  mode="ohem" (mmsegmentation's OHEMPixelSampler, from PSPNet/ICNet): with
+  p_i the softmax probability of pixel i's true class, keep the counted
+  pixels with p_i < max(thresh, p_(m)), where p_(m) is the m-th smallest p
+  over the batch and m = min(min_kept * N, n_counted - 1): every pixel the
+  model is unsure of, and at least about min_kept pixels per image.
+  mode="top_k" (bootstrapped CE): keep the ceil(top_k * n_counted) counted
+  pixels of highest cross-entropy, ties broken by position.
+
+  Static shapes: both sort all N*H*W pixels (ignored ones last) and mask.
+  The selection is a step function of the logits: no gradient through it.
+
+  Args:
+    logits: [N, H, W, K] float, any dtype; computed in float32.
+    labels: [N, H, W] int; `ignore_index` and labels outside [0, K) never count.
+    mode: "ohem" or "top_k".
+    thresh, min_kept: the "ohem" threshold and per-image minimum.
+    top_k: the fraction of counted pixels "top_k" keeps, in (0, 1].
+
+  Returns:
+    [N, H, W] float32, 1 for the kept pixels, 0 elsewhere.
+  """
+  if mode not in ("ohem", "top_k"):
+    raise ConfigError(f"hard pixel mode must be 'ohem' or 'top_k', got {mode!r}.")
+  if mode == "top_k" and not 0 < top_k <= 1:
+    raise ConfigError(f"top_k must be a fraction in (0, 1], got {top_k!r}.")
+  logits = jax.lax.stop_gradient(jnp.asarray(logits).astype(jnp.float32))
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  num_classes = logits.shape[-1]
+  counted = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+  log_p = jnp.take_along_axis(jax.nn.log_softmax(logits, -1),
+                              jnp.where(counted, labels, 0)[..., None], -1)[..., 0]
+  n_counted = jnp.sum(counted)
+  if mode == "ohem":
+    p = jnp.where(counted, jnp.exp(log_p), jnp.inf)
+    m = jnp.minimum(min_kept * labels.shape[0], jnp.maximum(n_counted - 1, 0))
+    threshold = jnp.maximum(jnp.sort(p.ravel())[m], thresh)
+    return (counted & (p < threshold)).astype(jnp.float32)
+  loss = jnp.where(counted, -log_p, -jnp.inf).ravel()
+  rank = jnp.empty_like(loss, jnp.int32).at[jnp.argsort(-loss, stable=True)].set(
+      jnp.arange(loss.size, dtype=jnp.int32))
+  keep = jnp.ceil(top_k * n_counted.astype(jnp.float32)).astype(jnp.int32)
+  return ((rank < keep).reshape(labels.shape) & counted).astype(jnp.float32)
+
+
 def focal_loss(logits: Array,
                labels: Array,
                gamma: float = 2.0,
@@ -164,99 +215,6 @@ def focal_loss(logits: Array,
   return jnp.sum(weights * fl) / jnp.where(total > 0, total, 1.0)
 
 
-def balanced_class_weights(label: np.ndarray,
-                           ignore_index: int = 255) -> np.ndarray:
-  """Per-pixel class-balancing weights w_c(x) for one label map (numpy).
-
-  Each class present gets n_counted / (n_classes_present * n_c), so every
-  class carries the same total weight and the mean weight over counted
-  pixels is 1 (scikit-learn's "balanced" heuristic).
-
-  Args:
-    label: [H, W] int label map.
-    ignore_index: label value that gets weight 0.
-
-  Returns:
-    [H, W] float32 weights; 0 at ignored pixels.
-  """
-  label = np.asarray(label)
-  counted = label != ignore_index
-  classes, counts = np.unique(label[counted], return_counts=True)
-  weight_of = counted.sum() / (len(classes) * counts.astype(np.float64))
-  weights = np.zeros(label.shape, np.float32)
-  if len(classes):
-    weights[counted] = weight_of[np.searchsorted(classes, label[counted])]
-  return weights
-
-
-def unet_weight_map(label: np.ndarray,
-                    w0: float = 10.0,
-                    sigma: float = 5.0,
-                    class_weights: Optional[str] = "balanced",
-                    ignore_index: int = 255,
-                    background: int = 0) -> np.ndarray:
-  """The U-Net loss weight map (Ronneberger et al. 2015, eq. 2), on the host.
-
-    w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))
-
-  d1 and d2 are the Euclidean distances from pixel x to the nearest and the
-  second-nearest object. Objects are the connected components (4-connected)
-  of each foreground class, so two touching objects of different classes are
-  still two objects. The border term only applies to background pixels: it
-  makes the network learn the thin background gaps that separate touching
-  objects. With fewer than two objects there is no gap and no border term.
-
-  The cost is one distance transform per object, O(objects * H * W); it runs
-  in the input pipeline (or once, offline, for datasets of a few images).
-
-  Args:
-    label: [H, W] int label map.
-    w0: weight of the border term (10 in the paper).
-    sigma: its length scale in pixels (about 5 in the paper).
-    class_weights: "balanced" for w_c balancing the class frequencies of this
-      map (see `balanced_class_weights`), or None for w_c = 1.
-    ignore_index: label value that gets weight 0.
-    background: the class that separates objects.
-
-  Returns:
-    [H, W] float32 weights; 0 at ignored pixels.
-  """
-  label = np.asarray(label)
-  if label.ndim != 2:
-    raise DataError(f"unet_weight_map takes one [H, W] label map, got shape "
-                    f"{label.shape}; call it once per example.")
-  counted = label != ignore_index
-  if class_weights == "balanced":
-    weights = balanced_class_weights(label, ignore_index)
-  elif class_weights is None:
-    weights = counted.astype(np.float32)
-  else:
-    raise ConfigError(f"class_weights={class_weights!r} is not supported; "
-                      "use 'balanced' or None.")
-
-  # Running smallest and second-smallest distance over all objects, so memory
-  # stays at two [H, W] maps however many objects there are.
-  d1 = np.full(label.shape, np.inf)
-  d2 = np.full(label.shape, np.inf)
-  foreground = counted & (label != background)
-  for cls in np.unique(label[foreground]):
-    components, count = ndimage.label(label == cls)
-    for i in range(1, count + 1):
-      # distance_transform_edt measures the distance to the nearest zero, so
-      # the object is the zero set.
-      dist = ndimage.distance_transform_edt(components != i)
-      d2 = np.where(dist < d1, d1, np.minimum(d2, dist))
-      d1 = np.minimum(d1, dist)
-  if np.isfinite(d2).any():
-    border = w0 * np.exp(-np.square(d1 + d2) / (2.0 * sigma**2))
-    weights = weights + np.where(counted & (label == background), border, 0.0)
-  return weights.astype(np.float32)
-
-
-# ----------------------------------------------------------------------------
-# Registry: name -> loss_fn(outputs, batch) -> scalar.
-
-
 def _logits_of(outputs: Union[Array, Mapping[str, Array]]) -> Array:
   """Accepts the model's output dict or its "logits" entry."""
   if isinstance(outputs, Mapping):
@@ -275,13 +233,26 @@ def _cross_entropy_loss(outputs, batch, ignore_index=255, class_weights=None):
                        pixel_weights=batch.get("weight"))
 
 
+def _ohem_cross_entropy_loss(outputs, batch, mode="ohem", thresh=0.7,
+                             min_kept=100000, top_k=0.25, ignore_index=255,
+                             class_weights=None):
+  """CE over the hard pixels only (`hard_pixel_weights`), e.g. for Cityscapes."""
+  logits = _logits_of(outputs)
+  hard = hard_pixel_weights(logits, batch["label"], mode, thresh, min_kept, top_k,
+                            ignore_index)
+  if "weight" in batch:
+    hard = hard * _broadcast_pixel_weights(batch["weight"], hard.shape)
+  return cross_entropy(logits, batch["label"], ignore_index=ignore_index,
+                       class_weights=class_weights, pixel_weights=hard)
+
+
 def _unet_weighted_loss(outputs, batch, ignore_index=255, class_weights=None):
   """CE weighted by the U-Net weight map in batch["weight"] (required)."""
   if "weight" not in batch:
     raise DataError(
         "the 'unet_weighted' loss needs a per-pixel weight map in "
         "batch['weight'] [N, H, W]; add the U-Net weight map "
-        "(segjax.losses.unet_weight_map) to the input pipeline, or use the "
+        "(segjax.data.weight_map.unet_weight_map) to the input pipeline, or use the "
         "'cross_entropy' loss.")
   return cross_entropy(_logits_of(outputs), batch["label"],
                        ignore_index=ignore_index, class_weights=class_weights,
@@ -345,6 +316,7 @@ def _unet3p_hybrid_loss(outputs, batch, ignore_index=255, gamma=2.0,
 
 LOSSES = {
     "cross_entropy": _cross_entropy_loss,
+    "ohem_cross_entropy": _ohem_cross_entropy_loss,
     "unet_weighted": _unet_weighted_loss,
     "focal": _focal_loss,
     "dice": _dice_loss,

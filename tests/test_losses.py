@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from segjax import losses
+from segjax.data import weight_map
 from segjax.errors import ConfigError, DataError
 
 
@@ -283,7 +284,7 @@ def two_close_objects():
 def test_unet_weight_map_matches_brute_force():
   label = two_close_objects()
   label[1:3, 30:33] = 2  # a third object, of another class
-  got = losses.unet_weight_map(label, w0=10.0, sigma=5.0)
+  got = weight_map.unet_weight_map(label, w0=10.0, sigma=5.0)
   assert got.dtype == np.float32 and got.shape == label.shape
   np.testing.assert_allclose(got, naive_weight_map(label, 10.0, 5.0),
                              rtol=1e-5)
@@ -291,8 +292,8 @@ def test_unet_weight_map_matches_brute_force():
 
 def test_unet_weight_map_high_between_objects_low_far_away():
   label = two_close_objects()
-  weights = losses.unet_weight_map(label, w0=10.0, sigma=5.0)
-  wc = losses.balanced_class_weights(label)
+  weights = weight_map.unet_weight_map(label, w0=10.0, sigma=5.0)
+  wc = weight_map.balanced_class_weights(label)
   background_wc = wc[0, 0]
   gap = weights[10, 8:10]  # the 2-pixel gap: d1 = 1, d2 = 2
   np.testing.assert_allclose(gap, background_wc + 10 * math.exp(-9 / 50),
@@ -308,12 +309,12 @@ def test_unet_weight_map_ignore_single_object_and_no_class_weights():
   label = np.zeros((12, 12), np.int32)
   label[3:6, 3:6] = 1
   label[0, :] = 255
-  weights = losses.unet_weight_map(label, class_weights=None)
+  weights = weight_map.unet_weight_map(label, class_weights=None)
   # One object: no gap to emphasise; w_c = 1; ignored pixels weigh 0.
   np.testing.assert_array_equal(weights[0], 0.0)
   np.testing.assert_array_equal(weights[1:], 1.0)
   with pytest.raises(ConfigError):
-    losses.unet_weight_map(label, class_weights="inverse")
+    weight_map.unet_weight_map(label, class_weights="inverse")
 
 
 # ----------------------------------------------------------------------------
@@ -346,3 +347,56 @@ def test_registry_errors_list_valid_choices():
     losses.get_loss("cross_entropy", ignore_idx=0)
   with pytest.raises(ConfigError, match="name"):
     losses.make_loss({"kwargs": {}})
+
+
+def _naive_hard_pixels(logits, labels, mode, thresh=0.7, min_kept=1, top_k=0.25):
+  """mmsegmentation's OHEM sampler / bootstrapped CE, written out in numpy."""
+  z = logits - logits.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  keep = np.zeros(labels.shape, np.float32)
+  idx = [tuple(i) for i in np.argwhere(labels != 255)]
+  p = np.array([np.exp(logp[i][labels[i]]) for i in idx])
+  if mode == "ohem":
+    order = np.sort(p)
+    threshold = max(order[min(min_kept * labels.shape[0], len(p) - 1)], thresh)
+    for i, pi in zip(idx, p):
+      keep[i] = float(pi < threshold)
+  else:
+    k = math.ceil(top_k * len(p))
+    for j in np.argsort(-(-np.log(p)), kind="stable")[:k]:
+      keep[idx[j]] = 1.0
+  return keep
+
+
+@pytest.mark.parametrize("mode,kw", [("ohem", dict(thresh=0.7, min_kept=5)),
+                                     ("ohem", dict(thresh=0.05, min_kept=40)),
+                                     ("top_k", dict(top_k=0.25)),
+                                     ("top_k", dict(top_k=1.0))])
+def test_hard_pixel_weights_match_naive(mode, kw):
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 6, 7, 4)).astype(np.float32) * 2
+  labels = rng.integers(0, 4, (2, 6, 7)).astype(np.int32)
+  labels[0, :2] = 255
+  got = jax.jit(lambda l, y: losses.hard_pixel_weights(l, y, mode, **kw))(logits, labels)
+  np.testing.assert_array_equal(got, _naive_hard_pixels(logits, labels, mode, **kw))
+
+
+def test_ohem_cross_entropy_is_ce_over_the_hard_pixels():
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(2, 8, 8, 3)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, 3, (2, 8, 8)).astype(np.int32))
+  batch = {"label": labels}
+  loss_fn = losses.make_loss({"name": "ohem_cross_entropy",
+                              "kwargs": {"thresh": 0.5, "min_kept": 4}})
+  hard = losses.hard_pixel_weights(logits, labels, "ohem", 0.5, 4)
+  assert 0 < float(hard.sum()) < hard.size  # some, not all, pixels are hard
+  want = losses.cross_entropy(logits, labels, pixel_weights=hard)
+  np.testing.assert_allclose(loss_fn({"logits": logits}, batch), want, rtol=1e-6)
+  # The hard pixels have higher loss than the average pixel.
+  assert float(want) > float(losses.cross_entropy(logits, labels))
+  grads = jax.grad(lambda l: loss_fn({"logits": l}, batch))(logits)
+  assert np.isfinite(grads).all()
+  # Easy pixels get no gradient.
+  assert np.abs(np.asarray(grads)[np.asarray(hard) == 0]).max() == 0
+  with pytest.raises(ConfigError, match="top_k"):
+    losses.hard_pixel_weights(logits, labels, "top_k", top_k=0.0)

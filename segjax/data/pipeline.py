@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from segjax.data import transforms
+from segjax.data import transforms, weight_map
 from segjax.data.builders import load_builder
 from segjax.errors import ConfigError, DataError
 
@@ -135,11 +135,10 @@ def _shard_stream(config, builder, split, shard, per_shard, start_step):
 
 def _unet_weights(label, kwargs):
   """The U-Net paper's border weight map, computed on the host with scipy."""
-  from segjax import losses
+  options = {k: v for k, v in kwargs.items() if k in ("w0", "sigma", "class_weights")}
 
   def fn(lab):
-    return losses.unet_weight_map(lab, **{k: v for k, v in kwargs.items()
-                                          if k in ("w0", "sigma", "class_weights")})
+    return weight_map.unet_weight_map(lab, **options)
   weight = tf.numpy_function(fn, [label], tf.float32)
   weight.set_shape(label.shape)
   return weight
