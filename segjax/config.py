@@ -161,3 +161,79 @@ def _check(ok, message):
 def to_json(config):
   """The resolved config as JSON text (written to <workdir>/config.json)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+# The trainer settings of each dataset family, which every model's config on
+# that data starts from. One level only: a config file states its model and
+# whatever it changes, and `base_config` is the one other place to read.
+_DATASETS = {
+    # The 2-core CPU budget: half-resolution training, scored at full size.
+    "segjax_shapes": dict(
+        dataset="segjax_shapes", num_classes=4, image_size=(64, 64),
+        augment=dict(scale_range=(0.4, 0.6), mean=(127.5,) * 3, std=(64.0,) * 3),
+        train=dict(steps=1500, batch_size=16, log_every_steps=50),
+        optimizer=dict(name="adamw", learning_rate=3e-3, schedule="cosine",
+                       warmup_steps=50, weight_decay=1e-4),
+        eval=dict(every_steps=500, batch_size=50, resize_to=(64, 64)),
+        checkpoint=dict(every_steps=500)),
+    # PASCAL VOC 2012 + SBD (train_aug): 512x512 crops, batch 16, SGD with a
+    # poly schedule over 40k steps (the common benchmark schedule), ImageNet
+    # normalisation for ImageNet-initialised backbones.
+    "voc": dict(
+        dataset="voc2012_segmentation/aug", num_classes=21, image_size=(512, 512),
+        augment=dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
+                     std=(58.395, 57.12, 57.375)),
+        train=dict(steps=40000, batch_size=16, log_every_steps=50),
+        optimizer=dict(name="sgd", learning_rate=0.01, schedule="poly", warmup_steps=0,
+                       weight_decay=5e-4),
+        eval=dict(every_steps=4000, batch_size=8, resize_to=None),
+        checkpoint=dict(every_steps=4000)),
+}
+
+
+def base_config(family: str = "segjax_shapes", mode: str = "") -> ml_collections.ConfigDict:
+  """Every core key, set for a dataset family ("segjax_shapes" or "voc").
+
+  The model keys (`model`, `model_kwargs`) are left for the config file.
+  mode="tiny" shrinks the run to a seconds-long smoke test on any family.
+  """
+  if family not in _DATASETS:
+    raise ConfigError(f"unknown dataset family {family!r}; use one of "
+                      f"{', '.join(sorted(_DATASETS))}")
+  d = _DATASETS[family]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ""
+  c.model_kwargs = ml_collections.ConfigDict()
+  c.dataset = d["dataset"]
+  c.data_dir = None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.num_classes = d["num_classes"]
+  c.image_size = d["image_size"]  # Training crop (H, W).
+  c.augment = ml_collections.ConfigDict(dict(flip=True, photometric=True, **d["augment"]))
+  c.data = ml_collections.ConfigDict(dict(
+      # Shards the training split is read in (0: one per process). A fixed
+      # number makes the batch sequence the same on any number of hosts.
+      num_shards=0, shuffle_buffer=2048, prefetch=2))
+  c.loss = ml_collections.ConfigDict(dict(name="cross_entropy", kwargs={}))
+  c.train = ml_collections.ConfigDict(dict(nan_policy="stop", max_nonfinite_steps=10,
+                                           **d["train"]))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      momentum=0.9, grad_clip_norm=1.0, end_factor=0.01, poly_power=0.9, **d["optimizer"]))
+  c.eval = ml_collections.ConfigDict(dict(
+      split="validation",
+      image_size=None,  # Pad evaluation images to this size (None: as is).
+      **d["eval"]))  # resize_to: run the model at this size (None: image size).
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=3, **d["checkpoint"]))
+  c.parallel = ml_collections.ConfigDict(dict(mode="jit"))
+  c.dtype = "float32"
+  c.init_from = None
+  if mode == "tiny":  # Seconds-long run for smoke tests and demos.
+    c.image_size = (32, 32)
+    c.augment.scale_range = (0.5, 1.0)
+    c.eval.resize_to = None
+    c.train.update(steps=4, batch_size=8, log_every_steps=2)
+    c.eval.update(every_steps=4, batch_size=8)
+    c.checkpoint.every_steps = 2
+  elif mode:
+    raise ConfigError(f"unknown config mode {mode!r}; the only mode is 'tiny'")
+  return c

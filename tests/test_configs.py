@@ -1,0 +1,36 @@
+"""Every file in configs/ loads, validates and builds its model."""
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from segjax import config as config_lib
+from segjax import models
+from segjax.errors import ConfigError
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
+
+
+def test_there_are_configs():
+  assert any(path.endswith("unet_shapes.py") for path in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_loads_and_builds_its_model(path):
+  config = config_lib.load_config(path)
+  model = models.build(config.model, num_classes=config.num_classes, **config.model_kwargs)
+  # eval_shape traces init without compiling or allocating the weights.
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                          jnp.zeros((1, *config.image_size, 3), jnp.float32))
+  assert jax.tree_util.tree_leaves(shapes["params"])
+  tiny = config_lib.load_config(path + ":tiny")
+  assert tiny.train.steps < config.train.steps
+
+
+def test_base_config_refuses_unknown_family_and_mode():
+  with pytest.raises(ConfigError, match="dataset family"):
+    config_lib.base_config("kitti")
+  with pytest.raises(ConfigError, match="mode"):
+    config_lib.base_config("voc", "huge")
