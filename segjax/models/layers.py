@@ -1,6 +1,7 @@
 """Small building blocks shared by the segmentation models.
 
   ConvBNAct         conv -> optional BatchNorm -> optional activation
+  DoubleConv        two 3x3 ConvBNAct: a U-Net-family node
   ConvTranspose2x   learned 2x upsampling (a 2x2, stride-2 transposed conv),
                     computed as a 1x1 conv to 4*C channels + depth-to-space
   BilinearUp2x      bilinear 2x upsampling (align_corners=False) + 1x1 conv
@@ -65,6 +66,24 @@ class ConvBNAct(nn.Module):
                        axis_name=self.bn_axis_name, name="bn")(x)
     if self.act is not None:
       x = self.act(x)
+    return x
+
+
+class DoubleConv(nn.Module):
+  """Two 3x3 conv (+ BN) + ReLU blocks: one U-Net / UNet++ / UNet 3+ node."""
+  features: int
+  padding: str
+  use_norm: bool
+  dtype: Dtype
+  bn_axis_name: Optional[str]
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    for i in range(2):
+      x = ConvBNAct(self.features, (3, 3), padding=self.padding,
+                           use_norm=self.use_norm, dtype=self.dtype,
+                           bn_axis_name=self.bn_axis_name,
+                           name=f"conv{i}")(x, train)
     return x
 
 

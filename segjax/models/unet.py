@@ -85,24 +85,6 @@ def _center_crop(x: Array, height: int, width: int) -> Array:
   return x[:, top:top + height, left:left + width, :]
 
 
-class _DoubleConv(nn.Module):
-  """Two 3x3 conv (+ BN) + ReLU blocks: one U-Net level."""
-  features: int
-  padding: str
-  use_norm: bool
-  dtype: Dtype
-  bn_axis_name: Optional[str]
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    for i in range(2):
-      x = layers.ConvBNAct(self.features, (3, 3), padding=self.padding,
-                           use_norm=self.use_norm, dtype=self.dtype,
-                           bn_axis_name=self.bn_axis_name,
-                           name=f"conv{i}")(x, train)
-    return x
-
-
 class UNet(nn.Module):
   """U-Net for semantic segmentation.
 
@@ -185,7 +167,7 @@ class UNet(nn.Module):
       raise ValueError(f"images must be [N, H, W, C], got {images.shape}")
     _, h, w, _ = images.shape
     conv_padding = "SAME" if self.padding == "same" else "VALID"
-    block = lambda features, name: _DoubleConv(
+    block = lambda features, name: layers.DoubleConv(
         features, conv_padding, self.norm == "batch", self.dtype,
         self.bn_axis_name, name=name)
 
