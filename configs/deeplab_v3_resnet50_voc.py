@@ -1,0 +1,23 @@
+"""DeepLab v3-ResNet50 (torchvision's deeplabv3_resnet50) on PASCAL VOC 2012 aug.
+
+    segjax train --config configs/deeplab_v3_resnet50_voc.py --workdir workdir/deeplab_v3_resnet50_voc
+
+ResNet-50 at output stride 8, ASPP rates (12, 24, 36), auxiliary FCN head on
+layer3 (loss weight 0.4). Start from ImageNet weights with `segjax convert`
+and --config.init_from.
+
+The dataset's trainer settings (crop, schedule, batch, evaluation) are
+segjax.config.base_config("voc"); this file states the model and what
+it changes.
+"""
+import ml_collections
+
+from segjax.config import base_config
+
+
+def get_config(mode=""):
+  c = base_config("voc", mode)
+  c.model = "deeplab_v3_resnet50"
+  c.model_kwargs = ml_collections.ConfigDict(dict(aux=True))
+  c.loss.kwargs.aux_weight = 0.4
+  return c
