@@ -3,6 +3,7 @@
     segjax train   --config configs/unet_shapes.py --workdir workdir/unet [--config.train.steps=100]
     segjax eval    --workdir workdir/unet [--split test]
     segjax predict --workdir workdir/unet --output out/ image1.png image2.jpg
+    segjax convert --config configs/deeplab_v3_resnet50_voc.py --weights resnet50.pth --output init/
 
 `eval` and `predict` read the run's <workdir>/config.json unless --config is
 given. Mistakes a user can make (paths, config keys, data, checkpoints) end
@@ -41,6 +42,14 @@ def _parser():
   pr.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
   pr.add_argument("--output", required=True, help="directory for the PNGs")
   pr.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  cv = sub.add_parser("convert", parents=[common],
+                      help="PyTorch weights -> a checkpoint for config.init_from")
+  cv.add_argument("--weights", required=True,
+                  help="state dict file: .pth/.pt/.bin (needs torch), .safetensors, .npz")
+  cv.add_argument("--output", required=True,
+                  help="directory to write (pass it as --config.init_from)")
+  cv.add_argument("--model", help="registry name (default: the config's model)")
+  cv.add_argument("--num_classes", type=int, help="default: the config's num_classes")
   return parser
 
 
@@ -122,12 +131,35 @@ def cmd_predict(args, overrides):
         f"{args.output} (checkpoint step {step})")
 
 
+def cmd_convert(args, overrides):
+  import jax
+  import numpy as np
+  from segjax import weights
+  if args.config:
+    config = _load(args, overrides, need_workdir=False)
+    model = args.model or config.model
+    kwargs = dict(config.model_kwargs) if model == config.model else {}
+    num_classes = args.num_classes or config.num_classes
+  elif args.model and args.num_classes:
+    model, kwargs, num_classes = args.model, {}, args.num_classes
+  else:
+    raise ConfigError("segjax convert needs --config (the experiment to initialise) or "
+                      "both --model and --num_classes")
+  state_dict = weights.load_state_dict(args.weights)
+  variables = weights.init_checkpoint(model, state_dict, num_classes, kwargs)
+  where = weights.write_checkpoint(variables, args.output)
+  count = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(variables))
+  print(f"converted {len(state_dict)} tensors of {args.weights} into {model!r} "
+        f"({count / 1e6:.1f}M values) at {where}; train with --config.init_from={args.output}")
+
+
 def _primary():
   import jax
   return jax.process_index() == 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+            "convert": cmd_convert}
 
 
 def main(argv=None):
