@@ -11,11 +11,11 @@ it changes.
 """
 import ml_collections
 
-from segjax.config import base_config
+from segjax.config import apply_mode, base_config
 
 
 def get_config(mode=""):
-  c = base_config("segjax_shapes", mode)
+  c = base_config("segjax_shapes")
   c.model = "deeplab_v3_resnet50"
   c.model_kwargs = ml_collections.ConfigDict(dict(stage_sizes=(1, 1, 1, 1), width=16, aux=False))
-  return c
+  return apply_mode(c, mode)

@@ -13,12 +13,12 @@ it changes.
 """
 import ml_collections
 
-from segjax.config import base_config
+from segjax.config import apply_mode, base_config
 
 
 def get_config(mode=""):
-  c = base_config("voc", mode)
+  c = base_config("voc")
   c.model = "fcn_resnet50"
   c.model_kwargs = ml_collections.ConfigDict(dict(aux=True))
   c.loss.kwargs.aux_weight = 0.4
-  return c
+  return apply_mode(c, mode)

@@ -12,13 +12,13 @@ it changes.
 """
 import ml_collections
 
-from segjax.config import base_config
+from segjax.config import apply_mode, base_config
 
 
 def get_config(mode=""):
-  c = base_config("segjax_shapes", mode)
+  c = base_config("segjax_shapes")
   c.model = "unet3p"
   c.model_kwargs = ml_collections.ConfigDict(dict(depth=4, base_width=16, deep_supervision=True))
   c.loss.name = "unet3p_hybrid"
   c.loss.kwargs.aux_weight = 4.0
-  return c
+  return apply_mode(c, mode)

@@ -12,12 +12,12 @@ it changes.
 """
 import ml_collections
 
-from segjax.config import base_config
+from segjax.config import apply_mode, base_config
 
 
 def get_config(mode=""):
-  c = base_config("voc", mode)
+  c = base_config("voc")
   c.model = "unet_pp"
   c.model_kwargs = ml_collections.ConfigDict(dict(depth=4, base_width=32, deep_supervision=True))
   c.loss.kwargs.aux_weight = 1.0
-  return c
+  return apply_mode(c, mode)

@@ -15,15 +15,15 @@ run.
 """
 import ml_collections
 
-from segjax.config import base_config
+from segjax.config import apply_mode, base_config
 
 
 def get_config(mode=""):
-  c = base_config("segjax_shapes", mode)
+  c = base_config("segjax_shapes")
   c.model = "unet"
   c.model_kwargs = ml_collections.ConfigDict(dict(
       depth=4, base_width=16, padding="same", upsample="transpose",
       norm="batch", dropout=0.0))
   if mode == "tiny":
     c.model_kwargs.update(base_width=4, depth=2)
-  return c
+  return apply_mode(c, mode)

@@ -191,11 +191,11 @@ _DATASETS = {
 }
 
 
-def base_config(family: str = "segjax_shapes", mode: str = "") -> ml_collections.ConfigDict:
+def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
   """Every core key, set for a dataset family ("segjax_shapes" or "voc").
 
-  The model keys (`model`, `model_kwargs`) are left for the config file.
-  mode="tiny" shrinks the run to a seconds-long smoke test on any family.
+  The model keys (`model`, `model_kwargs`) are left for the config file,
+  which ends with `return apply_mode(c, mode)`.
   """
   if family not in _DATASETS:
     raise ConfigError(f"unknown dataset family {family!r}; use one of "
@@ -227,7 +227,16 @@ def base_config(family: str = "segjax_shapes", mode: str = "") -> ml_collections
   c.parallel = ml_collections.ConfigDict(dict(mode="jit"))
   c.dtype = "float32"
   c.init_from = None
-  if mode == "tiny":  # Seconds-long run for smoke tests and demos.
+  return c
+
+
+def apply_mode(c: ml_collections.ConfigDict, mode: str = "") -> ml_collections.ConfigDict:
+  """`c` as is (mode ""), or shrunk to a seconds-long smoke run (mode "tiny").
+
+  Config files pass their `get_config(mode)` argument here last, so "tiny"
+  overrides whatever the experiment set (`--config configs/x.py:tiny`).
+  """
+  if mode == "tiny":
     c.image_size = (32, 32)
     c.augment.scale_range = (0.5, 1.0)
     c.eval.resize_to = None

@@ -13,6 +13,10 @@ kind says which tensors the module owns and how they are laid out:
   linear  weight [O, I] -> kernel [I, O]; bias -> bias
   bn      weight/bias -> params scale/bias; running_mean/running_var ->
           batch_stats mean/var (BatchNorm2d and FrozenBatchNorm2d alike)
+  fc_as_conv7, fc_as_conv1
+          a Linear layer as a k x k conv (FCN's "convolutionalisation"):
+          weight [O, I*k*k] (flattened C, H, W, as torchvision's VGG
+          flattens pool5) -> kernel [k, k, I, O]; bias -> bias
 
 A bias is expected exactly when the segjax module has one. The conversion is
 strict: every table row's tensors must be present with the shape the model
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax.errors import CheckpointError, ConfigError
+from segjax.models import fcn as fcn_lib
 from segjax.models import torchvision_seg
 from segjax.models.backbones import resnet as resnet_lib
 from segjax.models.backbones import vgg as vgg_lib
@@ -53,10 +58,23 @@ KINDS = {
            ("batch_stats", "mean", "running_mean", lambda m: m, True),
            ("batch_stats", "var", "running_var", lambda v: v, True)],
 }
+
+
+def _fc_as_conv(k):
+  return [("params", "kernel", "weight",
+           lambda w: w.reshape(w.shape[0], -1, k, k).transpose(2, 3, 1, 0),
+           True),
+          ("params", "bias", "bias", lambda b: b, False)]
+
+
+KINDS["fc_as_conv7"] = _fc_as_conv(7)
+KINDS["fc_as_conv1"] = _fc_as_conv(1)
 # Inverse layouts, to report expected shapes in PyTorch's layout.
 _TORCH_SHAPE = {
     ("conv", "kernel"): lambda s: (s[3], s[2], s[0], s[1]),
     ("linear", "kernel"): lambda s: (s[1], s[0]),
+    ("fc_as_conv7", "kernel"): lambda s: (s[3], s[2] * s[0] * s[1]),
+    ("fc_as_conv1", "kernel"): lambda s: (s[3], s[2] * s[0] * s[1]),
 }
 _SKIPPED_SUFFIXES = ("num_batches_tracked",)
 
@@ -233,6 +251,20 @@ def _vgg(batch_norm):
   return mapping
 
 
+def _vgg16_fc(state, **kwargs):
+  """torchvision vgg16().state_dict() -> fcn.VGGFC (FCN's params["backbone"]).
+
+  The classifier's Linear layers 0 (fc6, 25088 -> 4096) and 3 (fc7) become
+  the 7x7 and 1x1 convs fc6 and fc7; layer 6, the ImageNet fc8, is dropped.
+  """
+  state = _strip_classification_head(state, "classifier.6.")
+  model = fcn_lib.VGGFC(**kwargs)
+  rows = vgg_rows("features", ("features",), model.stage_sizes, False)
+  rows += [("classifier.0", ("fc6",), "fc_as_conv7"),
+           ("classifier.3", ("fc7",), "fc_as_conv1")]
+  return Conversion(model, rows, state)
+
+
 CONVERTERS: Dict[str, Callable[..., Conversion]] = {
     "fcn_resnet50": _fcn_resnet,
     "deeplab_v3_resnet50": _deeplab_v3_resnet,
@@ -240,6 +272,7 @@ CONVERTERS: Dict[str, Callable[..., Conversion]] = {
     "resnet101": _resnet((3, 4, 23, 3)),
     "vgg16": _vgg(False),
     "vgg16_bn": _vgg(True),
+    "vgg16_fc": _vgg16_fc,
 }
 
 
@@ -367,7 +400,10 @@ def from_torch(name: str, state_dict: Mapping[str, Any],
       dicts, "fc" dropped -> backbones.resnet.ResNet variables, i.e. the
       "backbone" subtree of the segmentation models); "vgg16" / "vgg16_bn"
       (`vgg16().features` or whole-model state dicts, classifier dropped ->
-      backbones.vgg.VGG variables).
+      backbones.vgg.VGG variables); "vgg16_fc" (the whole vgg16() state
+      dict, fc6/fc7 as convs, ImageNet fc8 dropped -> fcn.VGGFC variables,
+      FCN's params["backbone"]). To initialise a VGG-based registry model
+      from them, see `vgg16_into`.
     state_dict: str -> numpy array or torch tensor.
     **kwargs: model options. Segmentation models: num_classes (default: read
       from the checkpoint's final conv), aux (default: whether the checkpoint
@@ -391,3 +427,174 @@ def from_torch(name: str, state_dict: Mapping[str, Any],
   return apply_mapping(conversion.rows, conversion.state,
                        _template(conversion.model), conversion.hints,
                        what=f"{name!r}")
+
+
+# Where torchvision's VGG weights go in the VGG-based registry models:
+# model -> (converter, path of the converted subtree in the model).
+VGG_BACKBONES = {
+    "fcn32s": ("vgg16_fc", ("backbone",)),
+    "fcn16s": ("vgg16_fc", ("backbone",)),
+    "fcn8s": ("vgg16_fc", ("backbone",)),
+    "deeplab_v1": ("vgg16", ("backbone", "features")),
+    "parsenet": ("vgg16", ("backbone", "features")),
+    "segnet": ("vgg16_bn", ("encoder",)),
+    "deconvnet": ("vgg16_bn", ("encoder",)),
+}
+
+
+def vgg16_into(name: str, variables: Mapping[str, Any],
+               state_dict: Mapping[str, Any], **kwargs) -> Dict[str, Any]:
+  """Initialises a VGG-based model's backbone from torchvision ImageNet weights.
+
+    model = models.build("fcn8s", num_classes=21)
+    variables = model.init(rng, images)
+    variables = convert.vgg16_into("fcn8s", variables,
+                                   torchvision.models.vgg16(weights=...).state_dict())
+
+  FCN-32s/16s/8s take vgg16's features and fc6/fc7 (as convs, the paper's
+  recipe); DeepLab v1 and ParseNet vgg16's features only (their fc6 is a
+  dilated 3x3 conv with 1024 channels; the paper's subsampling of VGG's fc6
+  is not provided); SegNet and DeconvNet vgg16_bn's features. The model
+  must have the paper's widths and stage sizes (and fc width, unless the
+  same `fc_width` is passed in kwargs).
+
+  Args:
+    name: a key of VGG_BACKBONES.
+    variables: the model's variables (e.g. from init).
+    state_dict: torchvision vgg16() / vgg16_bn() state dict (whole model or
+      `features`, as the converter accepts).
+    **kwargs: options of the converter's backbone module, e.g. fc_width.
+
+  Returns:
+    A copy of `variables` with the backbone subtree (params and, for BN
+    models, batch_stats) replaced by the converted weights.
+
+  Raises:
+    ConfigError: for a model without a VGG backbone.
+    CheckpointError: if the state dict or the model's shapes do not fit.
+  """
+  if name not in VGG_BACKBONES:
+    raise ConfigError(f"vgg16_into: {name!r} has no VGG backbone; valid: "
+                      f"{', '.join(sorted(VGG_BACKBONES))}.")
+  converter, path = VGG_BACKBONES[name]
+  converted = from_torch(converter, state_dict, **kwargs)
+  out = _to_dicts(variables)
+  for collection, tree in converted.items():
+    current = _lookup(out.get(collection, {}), path)
+    same = current is not None and (
+        jax.tree_util.tree_structure(current)
+        == jax.tree_util.tree_structure(tree)) and all(
+            a.shape == b.shape for a, b in zip(
+                jax.tree_util.tree_leaves(current),
+                jax.tree_util.tree_leaves(tree)))
+    if not same:
+      raise CheckpointError(
+          f"vgg16_into: {name!r}'s {collection}/{'/'.join(path)} does not "
+          f"have the shapes of {converter!r}'s weights; build the model with "
+          "the paper's widths and stage sizes (the defaults).")
+    _set(out[collection], path, tree)
+  return out
+
+
+def _to_dicts(tree):
+  """Nested mappings (e.g. FrozenDict) -> plain dicts."""
+  if isinstance(tree, Mapping):
+    return {k: _to_dicts(v) for k, v in tree.items()}
+  return tree
+
+
+# Where torchvision's ImageNet ResNet weights go in the ResNet-based registry
+# models: model -> path of their backbones.resnet.ResNet subtree.
+RESNET_BACKBONES = {
+    "deeplab_v2": ("backbone",),
+    "deeplab_v3": ("backbone",),
+    "deeplab_v3_plus": ("backbone",),
+    "fcn_resnet50": ("backbone",),
+    "deeplab_v3_resnet50": ("backbone",),
+}
+_RESNET_CONVERTERS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
+
+
+def _blocks_per_stage(names) -> Tuple[int, ...]:
+  """Bottlenecks per stage from names like "layer3_5" / "layer3.5.conv1.weight"."""
+  counts = [0, 0, 0, 0]
+  for name in names:
+    head = name.replace(".", "_").split("_")
+    if (len(head) > 1 and head[0] in ("layer1", "layer2", "layer3", "layer4")
+        and head[1].isdigit()):
+      s = int(head[0][-1]) - 1
+      counts[s] = max(counts[s], int(head[1]) + 1)
+  return tuple(counts)
+
+
+def resnet_into(name: str, variables: Mapping[str, Any],
+                state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """Initialises a ResNet-based model's backbone from torchvision ImageNet weights.
+
+    model = models.build("deeplab_v3_plus", num_classes=21)  # ResNet-101
+    variables = model.init(rng, images)
+    variables = convert.resnet_into(
+        "deeplab_v3_plus", variables,
+        torchvision.models.resnet101(weights=...).state_dict())
+
+  The ImageNet classifier "fc" is dropped; the heads (ASPP, decoder, ...)
+  keep their values in `variables`. Dilation, output stride and multi-grid
+  have no params, so the same weights fit every output stride. Which of
+  torchvision's resnet50 / resnet101 the model takes follows from its
+  blocks per stage; the model must have the default width (64).
+
+  Args:
+    name: a key of RESNET_BACKBONES.
+    variables: the model's variables (e.g. from init, or eval_shape).
+    state_dict: torchvision resnet50() / resnet101() state dict (numpy
+      arrays or torch tensors).
+
+  Returns:
+    A copy of `variables` with the backbone's params and batch_stats
+    replaced by the converted weights (float32).
+
+  Raises:
+    ConfigError: for a model without a ResNet backbone.
+    CheckpointError: if the state dict and the model's backbone differ
+      (depth, width, or a state dict that is not a torchvision ResNet).
+  """
+  if name not in RESNET_BACKBONES:
+    raise ConfigError(f"resnet_into: {name!r} has no ResNet backbone; valid: "
+                      f"{', '.join(sorted(RESNET_BACKBONES))}.")
+  path = RESNET_BACKBONES[name]
+  backbone = _lookup(variables.get("params", {}), path)
+  if backbone is None:
+    raise CheckpointError(f"resnet_into: the variables have no params/"
+                          f"{'/'.join(path)}; pass {name!r}'s variables.")
+  stages = _blocks_per_stage(backbone)
+  if stages not in _RESNET_CONVERTERS:
+    raise CheckpointError(
+        f"resnet_into: {name!r}'s backbone has {stages} blocks per stage; "
+        "torchvision's ImageNet weights exist for ResNet-50 (3, 4, 6, 3) and "
+        "ResNet-101 (3, 4, 23, 3): build the model with one of those "
+        "stage_sizes.")
+  given = _blocks_per_stage(state_dict)
+  if given != stages:
+    raise CheckpointError(
+        f"resnet_into: the state dict has {given} blocks per stage but "
+        f"{name!r}'s backbone has {stages}; pass "
+        f"{_RESNET_CONVERTERS[stages]}'s weights or build the model with "
+        f"stage_sizes={given}.")
+  converter = _RESNET_CONVERTERS[stages]
+  converted = from_torch(converter, state_dict)
+  out = _to_dicts(variables)
+  for collection, tree in converted.items():
+    current = _lookup(out.get(collection, {}), path)
+    same = current is not None and (
+        jax.tree_util.tree_structure(current)
+        == jax.tree_util.tree_structure(tree)) and all(
+            a.shape == b.shape for a, b in zip(
+                jax.tree_util.tree_leaves(current),
+                jax.tree_util.tree_leaves(tree)))
+    if not same:
+      raise CheckpointError(
+          f"resnet_into: {name!r}'s {collection}/{'/'.join(path)} does not "
+          f"have the shapes of {converter!r}'s weights; build the model with "
+          "the default width (64).")
+    _set(out[collection], path, tree)
+  return out

@@ -33,4 +33,4 @@ def test_base_config_refuses_unknown_family_and_mode():
   with pytest.raises(ConfigError, match="dataset family"):
     config_lib.base_config("kitti")
   with pytest.raises(ConfigError, match="mode"):
-    config_lib.base_config("voc", "huge")
+    config_lib.apply_mode(config_lib.base_config("voc"), "huge")

@@ -15,6 +15,7 @@ import pytest
 from segjax import convert
 from segjax import models
 from segjax.errors import CheckpointError, ConfigError
+from segjax.models import fcn
 from segjax.models.backbones import resnet as resnet_lib
 from segjax.models.backbones import vgg as vgg_lib
 
@@ -44,6 +45,8 @@ def _numpy_state(variables, rows):
       value = np.asarray(tree[leaf])
       if kind == "conv" and leaf == "kernel":
         value = value.transpose(3, 2, 0, 1)
+      if kind.startswith("fc_as_conv") and leaf == "kernel":
+        value = value.transpose(3, 2, 0, 1).reshape(value.shape[3], -1)
       state[f"{torch_module}.{suffix}"] = value
   return state
 
@@ -69,9 +72,13 @@ def vgg_bn_state():
   return _random_state("vgg16_bn")
 
 
+# Converter options that keep the round trip small (fc6 is 25088 x 4096).
+CONVERTER_KWARGS = {"vgg16_fc": dict(fc_width=16)}
+
+
 @pytest.mark.parametrize("name", convert.available())
 def test_round_trip_every_converter(name):
-  kwargs = {}
+  kwargs = dict(CONVERTER_KWARGS.get(name, {}))
   if name in models.MODELS:
     kwargs = dict(num_classes=3, aux=True)
   variables, state = _random_state(name, **kwargs)
@@ -255,3 +262,153 @@ def test_vgg16_ceil_mode_and_first_padding_parity(torch):
   err = relative_error(outputs["pool5"], _nhwc(expected))
   print(f"vgg16 ceil_mode pool5: rel err {err:.2e}")
   assert err < RTOL
+
+
+# --- VGG-based seed models (fcn*, deeplab_v1, parsenet, segnet, deconvnet) --
+
+
+def test_fc_layers_become_convs():
+  """classifier.0's [O, 512*7*7] rows are (C, H, W)-flattened 7x7 kernels."""
+  variables, state = _random_state("vgg16_fc", fc_width=16)
+  kernel = variables["params"]["fc6"]["kernel"]  # [7, 7, 512, 16]
+  weight = state["classifier.0.weight"]
+  assert weight.shape == (16, 512 * 49)
+  c, y, x, o = 5, 2, 6, 3
+  assert weight[o, c * 49 + y * 7 + x] == kernel[y, x, c, o]
+  state["classifier.6.weight"] = np.zeros((1000, 16), np.float32)  # dropped
+  converted = convert.from_torch("vgg16_fc", state, fc_width=16)
+  np.testing.assert_array_equal(converted["params"]["fc7"]["kernel"],
+                                variables["params"]["fc7"]["kernel"])
+
+
+@pytest.mark.parametrize("name", sorted(convert.VGG_BACKBONES))
+def test_vgg16_into_fills_the_backbone_only(name):
+  converter, path = convert.VGG_BACKBONES[name]
+  kwargs = dict(CONVERTER_KWARGS.get(converter, {}))
+  expected, state = _random_state(converter, **kwargs)
+  model = models.build(name, 3, **kwargs)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  variables = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32),
+                                     shapes)
+  filled = convert.vgg16_into(name, variables, state, **kwargs)
+  for collection, tree in expected.items():
+    got = dict(jax.tree_util.tree_leaves_with_path(
+        convert._lookup(filled[collection], path)))
+    for key, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      np.testing.assert_array_equal(got[key], leaf)
+  # The rest (zeros here) is untouched and the structure is the model's.
+  assert (jax.tree_util.tree_structure(filled)
+          == jax.tree_util.tree_structure(convert._to_dicts(variables)))
+  head = {k: v for k, v in filled["params"].items() if k != path[0]}
+  assert not any(np.any(l) for l in jax.tree_util.tree_leaves(head))
+  small = models.build(name, 3, widths=(4,) * 5, **kwargs)
+  with pytest.raises(CheckpointError, match="paper's widths"):
+    convert.vgg16_into(name, jax.eval_shape(lambda: small.init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)), state,
+                       **kwargs)
+
+
+def test_vgg16_fc_parity(torch):
+  """FCN's trunk = torchvision vgg16 up to fc7's ReLU, at 224 x 224."""
+  import torchvision
+  net = torchvision.models.vgg16().eval()
+  x, images = _input(torch, 224, 224)
+  with torch.no_grad():
+    pool5 = net.features(x)
+    fc7 = net.classifier[:5](torch.flatten(net.avgpool(pool5), 1))
+  variables = convert.from_torch("vgg16_fc", net.state_dict())
+  # "same" alignment: pool5 is 7x7 and the centre of the 'same' 7x7 fc6
+  # sees all of it, like the Linear layer.
+  outputs = _apply(fcn.VGGFC(alignment="same"), variables, images)
+  err5 = relative_error(outputs["pool5"], _nhwc(pool5))
+  err7 = relative_error(outputs["fc7"][0, 3, 3], fc7.numpy()[0])
+  print(f"vgg16_fc pool5 rel err {err5:.2e}, fc7 {err7:.2e}")
+  assert err5 < RTOL and err7 < RTOL
+  # The same weights in fcn32s (Caffe alignment) run end to end.
+  model = models.build("fcn32s", 5)
+  init = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+  init = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), init)
+  filled = convert.vgg16_into("fcn32s", init, net.state_dict())
+  assert filled["params"]["score_fr"]["kernel"].shape == (1, 1, 4096, 5)
+  np.testing.assert_array_equal(
+      filled["params"]["backbone"]["fc6"]["kernel"],
+      variables["params"]["fc6"]["kernel"])
+
+
+# --- torchvision ResNets into the ResNet DeepLab models ---------------------
+
+RESNET50 = (3, 4, 6, 3)
+
+
+def _zeros_like_model(model, size=32):
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32),
+                                shapes)
+
+
+@pytest.mark.parametrize("name,converter,kwargs", [
+    ("deeplab_v2", "resnet101", {}),  # the default: ResNet-101 at OS 8
+    ("deeplab_v3", "resnet50", dict(stage_sizes=RESNET50)),
+    ("deeplab_v3_plus", "resnet50", dict(stage_sizes=RESNET50,
+                                         output_stride=8)),
+])
+def test_resnet_into_fills_the_backbone_only(name, converter, kwargs):
+  expected, state = _random_state(converter)
+  state["fc.weight"] = np.zeros((1000, 2048), np.float32)  # ImageNet head
+  state["fc.bias"] = np.zeros((1000,), np.float32)
+  model = models.build(name, 3, **kwargs)
+  variables = _zeros_like_model(model)
+  filled = convert.resnet_into(name, variables, state)
+  for collection, tree in expected.items():
+    got = dict(jax.tree_util.tree_leaves_with_path(
+        filled[collection]["backbone"]))
+    for key, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      np.testing.assert_array_equal(got[key], leaf)
+  # The heads (zeros here) are untouched and the structure is the model's.
+  assert (jax.tree_util.tree_structure(filled)
+          == jax.tree_util.tree_structure(convert._to_dicts(variables)))
+  heads = {k: v for k, v in filled["params"].items() if k != "backbone"}
+  assert heads and not any(np.any(l) for l in jax.tree_util.tree_leaves(heads))
+
+
+def test_resnet_into_says_how_to_fix_mismatches():
+  _, state50 = _random_state("resnet50")
+  model101 = models.build("deeplab_v3", 3)
+  with pytest.raises(CheckpointError, match=r"stage_sizes=\(3, 4, 6, 3\)"):
+    convert.resnet_into("deeplab_v3", _zeros_like_model(model101), state50)
+  narrow = models.build("deeplab_v3", 3, stage_sizes=RESNET50, width=8)
+  with pytest.raises(CheckpointError, match="width"):
+    convert.resnet_into("deeplab_v3", _zeros_like_model(narrow), state50)
+  tiny = models.build("deeplab_v2", 3, stage_sizes=(1, 1, 1, 1), width=4)
+  with pytest.raises(CheckpointError, match="ResNet-50"):
+    convert.resnet_into("deeplab_v2", _zeros_like_model(tiny), state50)
+  with pytest.raises(ConfigError, match="deeplab_v3_plus"):
+    convert.resnet_into("unet", {}, state50)
+
+
+def test_resnet_into_parity(torch):
+  """The filled backbone at OS 8 is torchvision's dilated resnet50."""
+  import torchvision
+  net = _randomise_bn(torch, torchvision.models.resnet50(
+      replace_stride_with_dilation=[False, True, True]))
+  x, images = _input(torch, 65, 77)
+  with torch.no_grad():
+    y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    c2 = net.layer1(y)
+    c5 = net.layer4(net.layer3(net.layer2(c2)))
+  # multi_grid=None: torchvision's rates (the paper's (1, 2, 4) differ).
+  model = models.build("deeplab_v3_plus", 3, stage_sizes=RESNET50,
+                       output_stride=8, multi_grid=None)
+  variables = convert.resnet_into(
+      "deeplab_v3_plus", _zeros_like_model(model), net.state_dict())
+  with jax.default_matmul_precision("highest"):
+    _, state = jax.jit(lambda v, x: model.apply(
+        v, x, capture_intermediates=True, mutable=["intermediates"]))(
+            variables, images)
+  features = state["intermediates"]["backbone"]["__call__"][0]
+  for key, value in (("c2", c2), ("c5", c5)):
+    err = relative_error(features[key], _nhwc(value))
+    print(f"resnet_into deeplab_v3_plus {key}: rel err {err:.2e}")
+    assert err < RTOL, key

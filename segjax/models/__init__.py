@@ -19,13 +19,33 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
+from segjax.models import deconvnet
+from segjax.models import deeplab
+from segjax.models import deeplab_resnet
+from segjax.models import fcn
+from segjax.models import parsenet
+from segjax.models import segnet
 from segjax.models import torchvision_seg
 from segjax.models import unet
+from segjax.models import unet3p
+from segjax.models import unet_pp
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "unet": unet.UNet,
+    "unet_pp": unet_pp.UNetPlusPlus,
+    "unet3p": unet3p.UNet3Plus,
     "fcn_resnet50": torchvision_seg.FCNResNet,
     "deeplab_v3_resnet50": torchvision_seg.DeepLabV3ResNet,
+    "fcn32s": fcn.FCN32s,
+    "fcn16s": fcn.FCN16s,
+    "fcn8s": fcn.FCN8s,
+    "deconvnet": deconvnet.DeconvNet,
+    "segnet": segnet.SegNet,
+    "deeplab_v1": deeplab.DeepLabV1,
+    "deeplab_v2": deeplab_resnet.DeepLabV2,
+    "deeplab_v3": deeplab_resnet.DeepLabV3,
+    "deeplab_v3_plus": deeplab_resnet.DeepLabV3Plus,
+    "parsenet": parsenet.ParseNet,
 }
 
 

@@ -16,8 +16,33 @@ from segjax.errors import ConfigError
 # Per-model options that keep the test fast on CPU.
 MODEL_KWARGS = {
     "unet": dict(base_width=8, depth=3),
+    "unet_pp": dict(base_width=4, depth=2),
+    # The contract's loss reads "logits" only, so the deep-supervision heads
+    # would get no gradient; test_unet3p.py trains and checks them.
+    "unet3p": dict(base_width=4, depth=2, deep_supervision=False),
     "fcn_resnet50": dict(stage_sizes=(1, 1, 1, 1), width=8),
     "deeplab_v3_resnet50": dict(stage_sizes=(1, 1, 1, 1), width=8),
+    # Zero-initialised score layers (the paper's) would leave the trunk
+    # without gradient at step 0; test_fcn.py checks the zero init.
+    # VGG-16's 13 convs take XLA:CPU ~10 s to compile with gradients; one
+    # conv per stage keeps every layer type. The same for all VGG models.
+    "fcn32s": dict(widths=(4,) * 5, stage_sizes=(1,) * 5, fc_width=8,
+                   zero_init_scores=False),
+    "fcn16s": dict(widths=(4,) * 5, stage_sizes=(1,) * 5, fc_width=8,
+                   zero_init_scores=False),
+    "fcn8s": dict(widths=(4,) * 5, stage_sizes=(1,) * 5, fc_width=8,
+                  zero_init_scores=False),
+    "deconvnet": dict(widths=(4,) * 5, stage_sizes=(1,) * 5, fc_width=8),
+    "segnet": dict(widths=(4,) * 5, stage_sizes=(1,) * 5),
+    "deeplab_v1": dict(widths=(4,) * 5, stage_sizes=(1,) * 5, fc_width=8),
+    "parsenet": dict(widths=(4,) * 5, stage_sizes=(1,) * 5, fc_width=8),
+    # One block per stage (multi-grid needs one rate per last-stage block).
+    "deeplab_v2": dict(stage_sizes=(1, 1, 1, 1), width=4),
+    "deeplab_v3": dict(stage_sizes=(1, 1, 1, 1), width=4, multi_grid=None,
+                       aspp_channels=8),
+    "deeplab_v3_plus": dict(stage_sizes=(1, 1, 1, 1), width=4,
+                            multi_grid=None, aspp_channels=8,
+                            low_level_channels=4, decoder_channels=8),
 }
 NUM_CLASSES = 3
 BATCH = 2
