@@ -217,6 +217,12 @@ def _deeplab_v3_resnet(state, num_classes=None, aux=None, **kwargs):
                     **kwargs)
 
 
+def _resnet101(converter):
+  """The ResNet-101 variant of a torchvision segmentation converter."""
+  return lambda state, **kwargs: converter(
+      state, stage_sizes=torchvision_seg.RESNET101_STAGES, **kwargs)
+
+
 def _strip_classification_head(state, prefix):
   """An ImageNet classifier's state dict -> its feature extractor's.
 
@@ -268,6 +274,8 @@ def _vgg16_fc(state, **kwargs):
 CONVERTERS: Dict[str, Callable[..., Conversion]] = {
     "fcn_resnet50": _fcn_resnet,
     "deeplab_v3_resnet50": _deeplab_v3_resnet,
+    "fcn_resnet101": _resnet101(_fcn_resnet),
+    "deeplab_v3_resnet101": _resnet101(_deeplab_v3_resnet),
     "resnet50": _resnet((3, 4, 6, 3)),
     "resnet101": _resnet((3, 4, 23, 3)),
     "vgg16": _vgg(False),
@@ -477,7 +485,17 @@ def vgg16_into(name: str, variables: Mapping[str, Any],
     raise ConfigError(f"vgg16_into: {name!r} has no VGG backbone; valid: "
                       f"{', '.join(sorted(VGG_BACKBONES))}.")
   converter, path = VGG_BACKBONES[name]
-  converted = from_torch(converter, state_dict, **kwargs)
+  return _replace_subtree(
+      f"vgg16_into: {name!r}", variables, from_torch(converter, state_dict, **kwargs),
+      path, converter, "the paper's widths and stage sizes (the defaults)")
+
+
+def _replace_subtree(what, variables, converted, path, converter, fix):
+  """A copy of `variables` with each collection's subtree at `path` replaced.
+
+  Raises CheckpointError (saying to build the model with `fix`) unless the
+  converted subtree has exactly the model's structure and shapes.
+  """
   out = _to_dicts(variables)
   for collection, tree in converted.items():
     current = _lookup(out.get(collection, {}), path)
@@ -489,9 +507,8 @@ def vgg16_into(name: str, variables: Mapping[str, Any],
                 jax.tree_util.tree_leaves(tree)))
     if not same:
       raise CheckpointError(
-          f"vgg16_into: {name!r}'s {collection}/{'/'.join(path)} does not "
-          f"have the shapes of {converter!r}'s weights; build the model with "
-          "the paper's widths and stage sizes (the defaults).")
+          f"{what}'s {collection}/{'/'.join(path)} does not have the shapes of "
+          f"{converter!r}'s weights; build the model with {fix}.")
     _set(out[collection], path, tree)
   return out
 
@@ -511,6 +528,8 @@ RESNET_BACKBONES = {
     "deeplab_v3_plus": ("backbone",),
     "fcn_resnet50": ("backbone",),
     "deeplab_v3_resnet50": ("backbone",),
+    "fcn_resnet101": ("backbone",),
+    "deeplab_v3_resnet101": ("backbone",),
 }
 _RESNET_CONVERTERS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
 
@@ -581,20 +600,6 @@ def resnet_into(name: str, variables: Mapping[str, Any],
         f"{_RESNET_CONVERTERS[stages]}'s weights or build the model with "
         f"stage_sizes={given}.")
   converter = _RESNET_CONVERTERS[stages]
-  converted = from_torch(converter, state_dict)
-  out = _to_dicts(variables)
-  for collection, tree in converted.items():
-    current = _lookup(out.get(collection, {}), path)
-    same = current is not None and (
-        jax.tree_util.tree_structure(current)
-        == jax.tree_util.tree_structure(tree)) and all(
-            a.shape == b.shape for a, b in zip(
-                jax.tree_util.tree_leaves(current),
-                jax.tree_util.tree_leaves(tree)))
-    if not same:
-      raise CheckpointError(
-          f"resnet_into: {name!r}'s {collection}/{'/'.join(path)} does not "
-          f"have the shapes of {converter!r}'s weights; build the model with "
-          "the default width (64).")
-    _set(out[collection], path, tree)
-  return out
+  return _replace_subtree(f"resnet_into: {name!r}", variables,
+                          from_torch(converter, state_dict), path, converter,
+                          "the default width (64)")

@@ -36,6 +36,8 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "unet3p": unet3p.UNet3Plus,
     "fcn_resnet50": torchvision_seg.FCNResNet,
     "deeplab_v3_resnet50": torchvision_seg.DeepLabV3ResNet,
+    "fcn_resnet101": torchvision_seg.FCNResNet101,
+    "deeplab_v3_resnet101": torchvision_seg.DeepLabV3ResNet101,
     "fcn32s": fcn.FCN32s,
     "fcn16s": fcn.FCN16s,
     "fcn8s": fcn.FCN8s,

@@ -48,7 +48,9 @@ import jax.numpy as jnp
 
 from segjax.errors import ConfigError
 from segjax.models.backbones.vgg import VGG, WIDTHS
-from segjax.ops import dense_crf, resize
+from segjax.models.crf_option import (IMAGENET_MEAN, IMAGENET_STD, check_crf_options,
+                                      refine_with_crf)
+from segjax.ops import resize
 
 Array = jax.Array
 Dtype = Any
@@ -59,8 +61,6 @@ Dtype = Any
 
 VGG16_STAGES = (2, 2, 3, 3, 3)
 # Pixel units, RGB: the default of segjax.data.transforms.normalize.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 # DeepLab-LargeFOV's CRF for VOC 2012 (bi_w 4, bi_xy_std 121, bi_rgb_std 5,
 # pos_w 3, pos_xy_std 3, 10 mean-field iterations).
 DEEPLAB_V1_CRF = dict(num_iters=10, gaussian_sxy=3.0, gaussian_compat=3.0,
@@ -162,14 +162,8 @@ class DeepLabV1(nn.Module):
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"deeplab_v1: dropout must be in [0, 1), got "
                         f"{self.dropout}.")
-    unknown = set(self.crf_kwargs or {}) - set(DEEPLAB_V1_CRF) - {"method"}
-    if unknown:
-      raise ConfigError(f"deeplab_v1: crf_kwargs has unknown keys "
-                        f"{sorted(unknown)}; valid: "
-                        f"{sorted(DEEPLAB_V1_CRF) + ['method']}.")
-    if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-      raise ConfigError(f"deeplab_v1: mean and std must be 3 numbers (std > "
-                        f"0), got {self.mean}, {self.std}.")
+    check_crf_options("deeplab_v1", self.crf_kwargs, DEEPLAB_V1_CRF, self.mean,
+                      self.std)
     super().__post_init__()
 
   @nn.compact
@@ -200,14 +194,5 @@ class DeepLabV1(nn.Module):
     logits = upsample_by_8(scores.astype(jnp.float32))[:, :h, :w, :]
     if not self.crf or train:
       return {"logits": logits}
-    if crf_image is None:
-      crf_image = (images.astype(jnp.float32) * jnp.asarray(self.std)
-                   + jnp.asarray(self.mean))
-    if crf_image.shape != (*images.shape[:3], 3):
-      raise ValueError(f"crf_image must be [N, H, W, 3] like images "
-                       f"{images.shape}, got {crf_image.shape}")
-    kwargs = {**DEEPLAB_V1_CRF, **(self.crf_kwargs or {})}
-    probs = dense_crf(logits, jnp.clip(crf_image.astype(jnp.float32), 0, 255),
-                      **kwargs)
-    return {"logits": jnp.log(jnp.maximum(probs, 1e-30)),
-            "unary_logits": logits}
+    return refine_with_crf(logits, images, crf_image, self.mean, self.std,
+                           {**DEEPLAB_V1_CRF, **(self.crf_kwargs or {})})

@@ -61,7 +61,9 @@ from segjax.errors import ConfigError
 from segjax.models.backbones.resnet import ResNet, block_schedule
 from segjax.models.layers import ConvBNAct
 from segjax.models.torchvision_seg import ASPP, FCNHead
-from segjax.ops import dense_crf, resize
+from segjax.models.crf_option import (IMAGENET_MEAN, IMAGENET_STD, check_crf_options,
+                                      refine_with_crf)
+from segjax.ops import resize
 
 Array = jax.Array
 Dtype = Any
@@ -69,8 +71,6 @@ Dtype = Any
 RESNET101 = (3, 4, 23, 3)
 # RGB, pixel units: segjax.data.transforms' normalisation (not imported:
 # it pulls in TensorFlow).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 # DeepLab v2 ResNet-101's CRF for VOC 2012 (bi_w 4, bi_xy_std 67,
 # bi_rgb_std 3, pos_w 3, pos_xy_std 1, 10 mean-field iterations).
 DEEPLAB_V2_CRF = dict(num_iters=10, gaussian_sxy=1.0, gaussian_compat=3.0,
@@ -165,14 +165,8 @@ class DeepLabV2(nn.Module):
     if not self.rates or min(self.rates) < 1:
       raise ConfigError(f"deeplab_v2: rates must be positive ints, got "
                         f"{tuple(self.rates)}.")
-    unknown = set(self.crf_kwargs or {}) - set(DEEPLAB_V2_CRF) - {"method"}
-    if unknown:
-      raise ConfigError(f"deeplab_v2: crf_kwargs has unknown keys "
-                        f"{sorted(unknown)}; valid: "
-                        f"{sorted(DEEPLAB_V2_CRF) + ['method']}.")
-    if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-      raise ConfigError(f"deeplab_v2: mean and std must be 3 numbers (std > "
-                        f"0), got {self.mean}, {self.std}.")
+    check_crf_options("deeplab_v2", self.crf_kwargs, DEEPLAB_V2_CRF, self.mean,
+                      self.std)
     super().__post_init__()
 
   @nn.compact
@@ -203,17 +197,8 @@ class DeepLabV2(nn.Module):
     logits = _upsample(scores, images.shape[1:3])
     if not self.crf or train:
       return {"logits": logits}
-    if crf_image is None:
-      crf_image = (images.astype(jnp.float32) * jnp.asarray(self.std)
-                   + jnp.asarray(self.mean))
-    if crf_image.shape != (*images.shape[:3], 3):
-      raise ValueError(f"crf_image must be [N, H, W, 3] like images "
-                       f"{images.shape}, got {crf_image.shape}")
-    # Normalisation round-trips can leave values just outside 0..255.
-    probs = dense_crf(logits, jnp.clip(crf_image.astype(jnp.float32), 0, 255),
-                      **{**DEEPLAB_V2_CRF, **(self.crf_kwargs or {})})
-    return {"logits": jnp.log(jnp.maximum(probs, 1e-30)),
-            "unary_logits": logits}
+    return refine_with_crf(logits, images, crf_image, self.mean, self.std,
+                           {**DEEPLAB_V2_CRF, **(self.crf_kwargs or {})})
 
 
 # =============================================================================

@@ -20,6 +20,7 @@ ASPP:     1x1 conv, three 3x3 atrous convs (rates 12, 24, 36) and an image
 
 Registered in segjax.models as "fcn_resnet50" and "deeplab_v3_resnet50".
 """
+import functools
 from typing import Any, Dict, Optional, Sequence
 
 import flax.linen as nn
@@ -207,3 +208,9 @@ class DeepLabV3ResNet(_TorchvisionSegModel):
     del in_channels  # the ASPP's convs take any input width
     return DeepLabHead(self.num_classes, self.rates, dtype=self.dtype,
                        bn_axis_name=self.bn_axis_name, name="classifier")
+
+
+# torchvision's ResNet-101 variants: the same modules with (3, 4, 23, 3) blocks.
+RESNET101_STAGES = (3, 4, 23, 3)
+FCNResNet101 = functools.partial(FCNResNet, stage_sizes=RESNET101_STAGES)
+DeepLabV3ResNet101 = functools.partial(DeepLabV3ResNet, stage_sizes=RESNET101_STAGES)

@@ -22,6 +22,9 @@ MODEL_KWARGS = {
     "unet3p": dict(base_width=4, depth=2, deep_supervision=False),
     "fcn_resnet50": dict(stage_sizes=(1, 1, 1, 1), width=8),
     "deeplab_v3_resnet50": dict(stage_sizes=(1, 1, 1, 1), width=8),
+    # The ResNet-101 variants are the same modules with more blocks.
+    "fcn_resnet101": dict(stage_sizes=(1, 1, 1, 1), width=8),
+    "deeplab_v3_resnet101": dict(stage_sizes=(1, 1, 1, 1), width=8),
     # Zero-initialised score layers (the paper's) would leave the trunk
     # without gradient at step 0; test_fcn.py checks the zero init.
     # VGG-16's 13 convs take XLA:CPU ~10 s to compile with gradients; one
