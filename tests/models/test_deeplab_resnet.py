@@ -336,7 +336,11 @@ def squares_batch(size=64, seed=0):
     ("deeplab_v2", TINY),
     ("deeplab_v3", TINY_V3),
     ("deeplab_v3_plus", TINY_V3_PLUS),
-], ids=["deeplab_v2", "deeplab_v3", "deeplab_v3_plus"])
+    # torchvision's layouts (their ResNet-101 variants are the same modules).
+    ("fcn_resnet50", dict(stage_sizes=(1, 1, 1, 1), width=8)),
+    ("deeplab_v3_resnet50", dict(stage_sizes=(1, 1, 1, 1), width=8)),
+], ids=["deeplab_v2", "deeplab_v3", "deeplab_v3_plus", "fcn_resnet50",
+        "deeplab_v3_resnet50"])
 def test_learns_squares(name, kwargs):
   images, labels = squares_batch()
   model = models.build(name, NUM_CLASSES, **kwargs)
