@@ -59,14 +59,14 @@ def bench_model(name, args):
   if args.flops_only:
     return row
   infer_s = median_time(lambda: jax.block_until_ready(infer_c(variables, batch["image"])),
-                        args.runs)
+                        args.runs, args.warmup)
   holder = {"state": state}
 
   def train_once():
     holder["state"], m = train_c(holder["state"], batch, key)
     jax.block_until_ready(m["loss"])
 
-  train_s = median_time(train_once, args.runs)
+  train_s = median_time(train_once, args.runs, args.warmup)
   peak = peak_flops(jax.devices()[0], args.dtype)
   row.update(infer_images_per_sec=args.batch / infer_s, train_images_per_sec=args.batch / train_s,
              train_step_s=train_s, peak_memory_mb=peak_memory_mb()[0],
@@ -107,7 +107,7 @@ def bench_torch(name, args):
     if gpu:
       torch.cuda.synchronize()
 
-  return median_time(step, args.runs)
+  return median_time(step, args.runs, max(args.warmup, 1))  # cuDNN autotuning
 
 
 COLUMNS = ("model", "params_m", "infer_gflops", "train_gflops", "compile_s",
@@ -124,12 +124,14 @@ def main(argv=None):
   parser.add_argument("--classes", type=int, default=21)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--runs", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=1,
+                      help="untimed runs first (XLA programs are compiled before)")
   parser.add_argument("--flops-only", action="store_true")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--out", help="write the rows as JSON here")
   args = parser.parse_args(argv)
   print(f"{args.size}x{args.size}, batch {args.batch}, {args.dtype}, {args.classes} classes, "
-        f"median of {args.runs}, {jax.devices()[0].device_kind}")
+        f"median of {args.runs} after {args.warmup} warm-up, {jax.devices()[0].device_kind}")
   print(" | ".join(COLUMNS), flush=True)
   rows = []
   for name in args.models.split(","):

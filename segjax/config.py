@@ -27,6 +27,11 @@ REQUIRED_KEYS = (
 )
 
 
+# Dicts of options that their builders validate (models.build, losses.get_loss),
+# so an override may add a key to them: --config.model_kwargs.output_stride=8.
+OPEN_KEYS = ("model_kwargs", "loss.kwargs")
+
+
 def load_config(path, overrides=()):
   """Loads `path` (a configs/*.py file or a workdir's config.json).
 
@@ -83,6 +88,13 @@ def apply_overrides(config, overrides):
     if not sep:
       raise ConfigError(f"override {item!r} has no value; write it as "
                         f"--config.{key}=VALUE")
+    head, _, name = key.rpartition(".")
+    if head in OPEN_KEYS:
+      holder, field = _parent(config, head)
+      if name not in holder[field]:
+        # A new option: the model / loss builder checks its name and value.
+        holder[field][name] = _parse(text, None, key)
+        continue
     parent, name = _parent(config, key)
     old = parent[name]
     parent[name] = _parse(text, old, key)

@@ -34,3 +34,19 @@ def test_base_config_refuses_unknown_family_and_mode():
     config_lib.base_config("kitti")
   with pytest.raises(ConfigError, match="mode"):
     config_lib.apply_mode(config_lib.base_config("voc"), "huge")
+
+
+def test_model_and_loss_options_can_be_added_on_the_command_line():
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "deeplab_v3_voc.py")
+  config = config_lib.load_config(path, ["model_kwargs.stage_sizes=(3, 4, 6, 3)",
+                                         "loss.kwargs.aux_weight=0.4",
+                                         "model_kwargs.output_stride=8"])
+  assert config.model_kwargs.stage_sizes == (3, 4, 6, 3)
+  assert config.model_kwargs.output_stride == 8 and config.loss.kwargs.aux_weight == 0.4
+  # Other sections stay closed: a typo there is refused at once.
+  with pytest.raises(ConfigError, match="does not exist"):
+    config_lib.load_config(path, ["train.stepz=3"])
+  # A wrong model option is refused when the model is built, with the valid ones.
+  config = config_lib.load_config(path, ["model_kwargs.widht=3"])
+  with pytest.raises(ConfigError, match="no option"):
+    models.build(config.model, config.num_classes, **config.model_kwargs)

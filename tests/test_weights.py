@@ -97,3 +97,31 @@ def test_pth_files_need_torch(resnet50_npz, tmp_path, capsys):
   code, _, err = _run(capsys, "convert", "--model", "fcn_resnet50", "--num_classes", "5",
                       "--weights", path, "--output", str(tmp_path / "init"))
   assert code == 0, err
+
+
+def test_init_from_takes_the_converted_backbone_and_keeps_the_heads(resnet50_npz, tmp_path,
+                                                                    capsys):
+  import jax.numpy as jnp
+  from segjax import models
+  from segjax.train.state import TrainState
+  path, state = resnet50_npz
+  out = str(tmp_path / "init")
+  config = "configs/deeplab_v3_voc.py"
+  code, _, err = _run(capsys, "convert", "--config", config, "--weights", path,
+                      "--output", out)
+  assert code == 2 and "blocks per stage" in err  # ResNet-101 model, ResNet-50 weights
+  code, _, err = _run(capsys, "convert", "--config", config, "--weights", path, "--output",
+                      out, "--config.model_kwargs.stage_sizes=(3, 4, 6, 3)")
+  assert code == 0, err
+  # What `segjax train` does with --config.init_from=out, on a fresh state.
+  model = models.build("deeplab_v3", 21, stage_sizes=(3, 4, 6, 3))
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                          jnp.zeros((1, 64, 64, 3)))
+  ones = jax.tree_util.tree_map(lambda s: np.ones(s.shape, np.float32), shapes)
+  fresh = TrainState(step=np.int32(0), params=ones["params"],
+                     batch_stats=ones["batch_stats"], opt_state=(), nonfinite=np.int32(0))
+  loaded = checkpoint.load_init(out, fresh)
+  want = convert.from_torch("resnet50", state)
+  _assert_tree_equal(loaded.params["backbone"], want["params"])
+  _assert_tree_equal(loaded.batch_stats["backbone"], want["batch_stats"])
+  _assert_tree_equal(loaded.params["aspp"], fresh.params["aspp"])  # heads: initial values
