@@ -302,6 +302,25 @@ def _ms_ssim_loss(outputs, batch, ignore_index=255, data_range=1.0,
                       weights=weights, pixel_weights=batch.get("weight"))
 
 
+def _cgm_loss(outputs, batch, background=0, ignore_index=255):
+  """UNet 3+'s classification-guided module: BCE of outputs["cls"].
+
+  The image-level target, "is any object in the image", comes from the
+  labels: (no object, object) = (1, 0) when every counted pixel is
+  `background`, else (0, 1). Add it to the segmentation loss with "sum",
+  e.g. terms=[("unet3p_hybrid", 1.0, {}), ("cgm", 1.0, {})].
+  """
+  if not isinstance(outputs, Mapping) or "cls" not in outputs:
+    raise ConfigError("the 'cgm' loss needs the model's outputs['cls']; build "
+                      "unet3p with cgm=True.")
+  labels = batch["label"]
+  foreground = (labels != background) & (labels != ignore_index)
+  has_object = jnp.any(foreground.reshape(labels.shape[0], -1), axis=1)
+  target = jnp.stack([~has_object, has_object], -1).astype(jnp.float32)
+  logits = outputs["cls"].astype(jnp.float32).reshape(target.shape)
+  return jnp.mean(jax.nn.softplus(logits) - logits * target)  # sigmoid BCE
+
+
 def _unet3p_hybrid_loss(outputs, batch, ignore_index=255, gamma=2.0,
                         alpha=None, data_range=1.0):
   """UNet 3+'s hybrid loss (Huang et al. 2020, eq. 4): focal + MS-SSIM + IoU.
@@ -324,6 +343,7 @@ LOSSES = {
     "lovasz_softmax": _lovasz_loss,
     "ms_ssim": _ms_ssim_loss,
     "unet3p_hybrid": _unet3p_hybrid_loss,
+    "cgm": _cgm_loss,
 }
 
 # Options that are per-class arrays: converted once from a config tuple.

@@ -169,8 +169,9 @@ def test_every_registered_loss_builds_from_a_config():
     kwargs = ({"terms": [("focal", 1.0), ("dice", 0.5)]} if name == "sum"
               else {"ignore_index": 255})
     fns[name] = losses.make_loss(ConfigDict({"name": name, "kwargs": kwargs}))
+  cls = jnp.zeros((logits.shape[0], 2), jnp.float32)  # UNet 3+'s CGM output
   values = jax.jit(lambda o: {name: fn(o, batch) for name, fn in fns.items()})(
-      {"logits": logits})
+      {"logits": logits, "cls": cls})
   for name, value in values.items():
     assert np.isfinite(float(value)) and float(value) > 0, name
 
@@ -400,3 +401,18 @@ def test_ohem_cross_entropy_is_ce_over_the_hard_pixels():
   assert np.abs(np.asarray(grads)[np.asarray(hard) == 0]).max() == 0
   with pytest.raises(ConfigError, match="top_k"):
     losses.hard_pixel_weights(logits, labels, "top_k", top_k=0.0)
+
+
+def test_cgm_loss_targets_whether_an_image_has_objects():
+  labels = np.zeros((3, 4, 4), np.int32)
+  labels[1, 2, 2] = 2          # an object
+  labels[2] = 255              # all ignored: no object
+  labels[2, 0, 0] = 0
+  cls = np.array([[2.0, -1.0], [0.5, 0.3], [-3.0, 1.0]], np.float32)
+  got = losses.get_loss("cgm")({"logits": None, "cls": jnp.asarray(cls)}, {"label": labels})
+  target = np.array([[1, 0], [0, 1], [1, 0]], np.float32)
+  p = 1 / (1 + np.exp(-cls))
+  want = -np.mean(target * np.log(p) + (1 - target) * np.log(1 - p))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  with pytest.raises(ConfigError, match="cgm=True"):
+    losses.get_loss("cgm")({"logits": jnp.zeros((1, 2, 2, 2))}, {"label": labels[:1]})

@@ -15,12 +15,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from segjax import losses
 from segjax import models
 from segjax.errors import ConfigError
+
+from learning import train_losses  # pylint: disable=import-error
 from segjax.models import deeplab_resnet
 
 NUM_CLASSES = 3
@@ -345,29 +345,6 @@ def test_learns_squares(name, kwargs):
   images, labels = squares_batch()
   model = models.build(name, NUM_CLASSES, **kwargs)
   variables = numpy_init(model, images.shape)
-  loss_of = losses.make_loss("cross_entropy")
-  tx = optax.adam(1e-2)
-  rng = jax.random.key(0, impl="rbg")
-
-  def loss_fn(params, batch_stats, step):
-    outputs, state = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True,
-        mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(rng, step)})
-    return loss_of(outputs, {"label": labels}), state["batch_stats"]
-
-  @jax.jit
-  def step(params, batch_stats, opt_state, i):
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, i)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  opt_state = tx.init(params)
-  history = []
-  for i in range(STEPS):
-    params, batch_stats, opt_state, loss = step(params, batch_stats,
-                                                opt_state, i)
-    history.append(float(loss))
+  history = train_losses(model, images, labels, STEPS, 1e-2, variables)
   assert history[-1] <= 0.1 * history[0], history[::10]
 

@@ -6,12 +6,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from segjax import losses
 from segjax import models
 from segjax.errors import ConfigError
+
+from learning import train_losses  # pylint: disable=import-error
 from segjax.models import layers
 from segjax.models.unet import valid_unet_sizes
 
@@ -214,26 +214,5 @@ def test_unet_learns_squares():
   images, labels = squares_batch()
   model = models.build("unet", 2, base_width=8, depth=2)
   variables = init(model, images.shape)
-  loss_of = losses.make_loss("cross_entropy")
-  tx = optax.adam(1e-2)
-
-  def loss_fn(params, batch_stats):
-    outputs, state = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True,
-        mutable=["batch_stats"])
-    return loss_of(outputs, {"label": labels}), state["batch_stats"]
-
-  @jax.jit
-  def step(params, batch_stats, opt_state):
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  opt_state = tx.init(params)
-  history = []
-  for _ in range(100):
-    params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state)
-    history.append(float(loss))
+  history = train_losses(model, images, labels, 100, 1e-2, variables)
   assert history[-1] <= 0.1 * history[0], history[::10]

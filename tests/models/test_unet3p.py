@@ -15,6 +15,8 @@ from segjax import losses
 from segjax import models
 from segjax.errors import ConfigError
 
+from learning import squares_batch  # pylint: disable=import-error
+
 
 def make_key(seed):
   # rbg compiles much faster than threefry on XLA:CPU; the stream is irrelevant.
@@ -185,21 +187,6 @@ def test_cgm_gates_masks_per_image(small_model):
 
 # ----------------------------------------------------------------------------
 # It learns.
-
-
-def squares_batch(n=2, size=64, seed=0):
-  """Noisy images with a class-1 square (bright in channel 0) and a class-2
-  square (bright in channel 1); everything else is class 0."""
-  rng = np.random.default_rng(seed)
-  images = rng.normal(scale=0.3, size=(n, size, size, 3)).astype(np.float32)
-  labels = np.zeros((n, size, size), np.int32)
-  for i in range(n):
-    for cls in (1, 2):
-      side = rng.integers(12, 24)
-      y, x = rng.integers(0, size - side, size=2)
-      labels[i, y:y + side, x:x + side] = cls
-      images[i, y:y + side, x:x + side, cls - 1] += 1.0
-  return images, labels
 
 
 def test_unet3p_learns_squares_with_deep_supervision_and_cgm(small_model):

@@ -5,13 +5,14 @@ The generic contract (shapes, gradients, batch_stats) is in test_contract.py.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
 
 from segjax import losses
 from segjax import models
 from segjax.errors import ConfigError
+
+from learning import squares_batch, train_losses  # pylint: disable=import-error
 
 
 def make_key(seed):
@@ -145,46 +146,11 @@ def test_accurate_mode_pruning_and_fast_mode(small_model):
 # It learns.
 
 
-def squares_batch(n=2, size=64, seed=0):
-  """Noisy images with a class-1 square (bright in channel 0) and a class-2
-  square (bright in channel 1); everything else is class 0."""
-  rng = np.random.default_rng(seed)
-  images = rng.normal(scale=0.3, size=(n, size, size, 3)).astype(np.float32)
-  labels = np.zeros((n, size, size), np.int32)
-  for i in range(n):
-    for cls in (1, 2):
-      side = rng.integers(12, 24)
-      y, x = rng.integers(0, size - side, size=2)
-      labels[i, y:y + side, x:x + side] = cls
-      images[i, y:y + side, x:x + side, cls - 1] += 1.0
-  return images, labels
-
-
 def test_unet_pp_learns_squares_with_deep_supervision(small_model):
   images, labels = squares_batch()
   model, variables = small_model
-  tx = optax.adam(1e-2)
-
-  def loss_fn(params, batch_stats):
-    outputs, state = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True,
-        mutable=["batch_stats"])
-    # Deep supervision: every head gets its own loss (the paper's).
-    heads = outputs["aux"]
-    loss = sum(losses.cross_entropy(h, labels) for h in heads) / len(heads)
-    return loss, state["batch_stats"]
-
-  @jax.jit
-  def step(params, batch_stats, opt_state):
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  opt_state = tx.init(params)
-  history = []
-  for _ in range(60):
-    params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state)
-    history.append(float(loss))
+  # Deep supervision: every head gets its own loss (the paper's).
+  loss = lambda outputs: sum(losses.cross_entropy(h, labels)
+                             for h in outputs["aux"]) / len(outputs["aux"])
+  history = train_losses(model, images, labels, 60, 1e-2, variables, loss)
   assert history[-1] <= 0.1 * history[0], history[::10]

@@ -8,13 +8,12 @@ labels constant on every model's coarsest grid (FCN-32s predicts 32 x 32
 cells), so each model can fit the batch almost exactly and a >= 90 % drop of
 the training loss is a fair bar for all of them.
 """
-import jax
 import numpy as np
-import optax
 import pytest
 
-from segjax import losses
 from segjax import models
+
+from learning import train_losses  # pylint: disable=import-error
 
 SMALL = dict(widths=(8, 8, 16, 16, 16), stage_sizes=(1,) * 5)
 # name -> (options, steps, learning rate). FCNs use the "same" alignment,
@@ -38,10 +37,6 @@ CASES = {
 }
 
 
-def make_key(seed):
-  return jax.random.key(seed, impl="rbg")
-
-
 def quadrant_squares(size=64, seed=0):
   """Two noisy images; classes 1 and 2 fill two quadrants, coloured."""
   rng = np.random.default_rng(seed)
@@ -55,36 +50,6 @@ def quadrant_squares(size=64, seed=0):
       labels[window] = c
       images[window][..., c - 1] += 1.5
   return images, labels
-
-
-def train_losses(model, images, labels, steps, learning_rate):
-  """Adam on one fixed batch (train mode); the loss before every step."""
-  variables = jax.jit(lambda x: model.init(make_key(0), x, train=False))(
-      images)
-  params = variables["params"]
-  state = {k: v for k, v in variables.items() if k != "params"}
-  loss_of = losses.make_loss("cross_entropy")
-  tx = optax.adam(learning_rate)
-
-  def loss_fn(params, state, rng):
-    outputs, state = model.apply({"params": params, **state}, images,
-                                 train=True, mutable=list(state),
-                                 rngs={"dropout": rng})
-    return loss_of(outputs, {"label": labels}), state
-
-  @jax.jit
-  def step(params, state, opt_state, i):
-    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, state, jax.random.fold_in(make_key(1), i))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), state, opt_state, loss
-
-  opt_state = tx.init(params)
-  history = []
-  for i in range(steps):
-    params, state, opt_state, loss = step(params, state, opt_state, i)
-    history.append(float(loss))
-  return history
 
 
 @pytest.mark.slow
