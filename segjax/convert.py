@@ -25,7 +25,8 @@ counters are the only keys skipped), and all mismatches are reported at once
 in one CheckpointError. To support another model (SegFormer from Hugging
 Face, Mask R-CNN from torchvision), write its mapping function, with a new
 kind in KINDS if it owns other tensors (e.g. LayerNorm), and add it to
-CONVERTERS.
+CONVERTERS. Putting converted ImageNet backbones into whole models, and weight
+files into init_from checkpoints, is segjax.weights.
 
 torch is never imported unless a value is a torch tensor.
 """
@@ -315,7 +316,8 @@ def _template(model) -> Dict[str, Any]:
       lambda: model.init(jax.random.key(0), images, train=False))
 
 
-def _lookup(tree, path):
+def tree_lookup(tree, path):
+  """tree[path[0]][path[1]]..., or None where the path does not exist."""
   for name in path:
     if not isinstance(tree, Mapping) or name not in tree:
       return None
@@ -323,7 +325,8 @@ def _lookup(tree, path):
   return tree
 
 
-def _set(tree, path, value):
+def tree_set(tree, path, value):
+  """Sets tree[path[0]]...[path[-1]] = value, creating missing dicts."""
   for name in path[:-1]:
     tree = tree.setdefault(name, {})
   tree[path[-1]] = value
@@ -351,7 +354,7 @@ def apply_mapping(rows: Sequence[Row], state: Mapping[str, np.ndarray],
   used, missing, wrong = set(), [], []
   for torch_module, flax_path, kind in rows:
     for collection, leaf, suffix, layout, required in KINDS[kind]:
-      expected = _lookup(template, (collection,) + flax_path + (leaf,))
+      expected = tree_lookup(template, (collection,) + flax_path + (leaf,))
       if expected is None:
         if required:
           raise AssertionError(f"mapping bug: {what} has no "
@@ -368,7 +371,7 @@ def apply_mapping(rows: Sequence[Row], state: Mapping[str, np.ndarray],
         wrong.append(f"{key}: shape {tuple(state[key].shape)}, expected "
                      f"{tuple(to_torch(tuple(expected.shape)))}")
         continue
-      _set(variables[collection], flax_path + (leaf,),
+      tree_set(variables[collection], flax_path + (leaf,),
            jnp.asarray(value, jnp.float32))
   unexpected = sorted(set(state) - used)
   if missing or unexpected or wrong:
@@ -411,7 +414,7 @@ def from_torch(name: str, state_dict: Mapping[str, Any],
       backbones.vgg.VGG variables); "vgg16_fc" (the whole vgg16() state
       dict, fc6/fc7 as convs, ImageNet fc8 dropped -> fcn.VGGFC variables,
       FCN's params["backbone"]). To initialise a VGG-based registry model
-      from them, see `vgg16_into`.
+      from them, see `segjax.weights.vgg16_into`.
     state_dict: str -> numpy array or torch tensor.
     **kwargs: model options. Segmentation models: num_classes (default: read
       from the checkpoint's final conv), aux (default: whether the checkpoint
@@ -435,171 +438,3 @@ def from_torch(name: str, state_dict: Mapping[str, Any],
   return apply_mapping(conversion.rows, conversion.state,
                        _template(conversion.model), conversion.hints,
                        what=f"{name!r}")
-
-
-# Where torchvision's VGG weights go in the VGG-based registry models:
-# model -> (converter, path of the converted subtree in the model).
-VGG_BACKBONES = {
-    "fcn32s": ("vgg16_fc", ("backbone",)),
-    "fcn16s": ("vgg16_fc", ("backbone",)),
-    "fcn8s": ("vgg16_fc", ("backbone",)),
-    "deeplab_v1": ("vgg16", ("backbone", "features")),
-    "parsenet": ("vgg16", ("backbone", "features")),
-    "segnet": ("vgg16_bn", ("encoder",)),
-    "deconvnet": ("vgg16_bn", ("encoder",)),
-}
-
-
-def vgg16_into(name: str, variables: Mapping[str, Any],
-               state_dict: Mapping[str, Any], **kwargs) -> Dict[str, Any]:
-  """Initialises a VGG-based model's backbone from torchvision ImageNet weights.
-
-    model = models.build("fcn8s", num_classes=21)
-    variables = model.init(rng, images)
-    variables = convert.vgg16_into("fcn8s", variables,
-                                   torchvision.models.vgg16(weights=...).state_dict())
-
-  FCN-32s/16s/8s take vgg16's features and fc6/fc7 (as convs, the paper's
-  recipe); DeepLab v1 and ParseNet vgg16's features only (their fc6 is a
-  dilated 3x3 conv with 1024 channels; the paper's subsampling of VGG's fc6
-  is not provided); SegNet and DeconvNet vgg16_bn's features. The model
-  must have the paper's widths and stage sizes (and fc width, unless the
-  same `fc_width` is passed in kwargs).
-
-  Args:
-    name: a key of VGG_BACKBONES.
-    variables: the model's variables (e.g. from init).
-    state_dict: torchvision vgg16() / vgg16_bn() state dict (whole model or
-      `features`, as the converter accepts).
-    **kwargs: options of the converter's backbone module, e.g. fc_width.
-
-  Returns:
-    A copy of `variables` with the backbone subtree (params and, for BN
-    models, batch_stats) replaced by the converted weights.
-
-  Raises:
-    ConfigError: for a model without a VGG backbone.
-    CheckpointError: if the state dict or the model's shapes do not fit.
-  """
-  if name not in VGG_BACKBONES:
-    raise ConfigError(f"vgg16_into: {name!r} has no VGG backbone; valid: "
-                      f"{', '.join(sorted(VGG_BACKBONES))}.")
-  converter, path = VGG_BACKBONES[name]
-  return _replace_subtree(
-      f"vgg16_into: {name!r}", variables, from_torch(converter, state_dict, **kwargs),
-      path, converter, "the paper's widths and stage sizes (the defaults)")
-
-
-def _replace_subtree(what, variables, converted, path, converter, fix):
-  """A copy of `variables` with each collection's subtree at `path` replaced.
-
-  Raises CheckpointError (saying to build the model with `fix`) unless the
-  converted subtree has exactly the model's structure and shapes.
-  """
-  out = _to_dicts(variables)
-  for collection, tree in converted.items():
-    current = _lookup(out.get(collection, {}), path)
-    same = current is not None and (
-        jax.tree_util.tree_structure(current)
-        == jax.tree_util.tree_structure(tree)) and all(
-            a.shape == b.shape for a, b in zip(
-                jax.tree_util.tree_leaves(current),
-                jax.tree_util.tree_leaves(tree)))
-    if not same:
-      raise CheckpointError(
-          f"{what}'s {collection}/{'/'.join(path)} does not have the shapes of "
-          f"{converter!r}'s weights; build the model with {fix}.")
-    _set(out[collection], path, tree)
-  return out
-
-
-def _to_dicts(tree):
-  """Nested mappings (e.g. FrozenDict) -> plain dicts."""
-  if isinstance(tree, Mapping):
-    return {k: _to_dicts(v) for k, v in tree.items()}
-  return tree
-
-
-# Where torchvision's ImageNet ResNet weights go in the ResNet-based registry
-# models: model -> path of their backbones.resnet.ResNet subtree.
-RESNET_BACKBONES = {
-    "deeplab_v2": ("backbone",),
-    "deeplab_v3": ("backbone",),
-    "deeplab_v3_plus": ("backbone",),
-    "fcn_resnet50": ("backbone",),
-    "deeplab_v3_resnet50": ("backbone",),
-    "fcn_resnet101": ("backbone",),
-    "deeplab_v3_resnet101": ("backbone",),
-}
-_RESNET_CONVERTERS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
-
-
-def _blocks_per_stage(names) -> Tuple[int, ...]:
-  """Bottlenecks per stage from names like "layer3_5" / "layer3.5.conv1.weight"."""
-  counts = [0, 0, 0, 0]
-  for name in names:
-    head = name.replace(".", "_").split("_")
-    if (len(head) > 1 and head[0] in ("layer1", "layer2", "layer3", "layer4")
-        and head[1].isdigit()):
-      s = int(head[0][-1]) - 1
-      counts[s] = max(counts[s], int(head[1]) + 1)
-  return tuple(counts)
-
-
-def resnet_into(name: str, variables: Mapping[str, Any],
-                state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-  """Initialises a ResNet-based model's backbone from torchvision ImageNet weights.
-
-    model = models.build("deeplab_v3_plus", num_classes=21)  # ResNet-101
-    variables = model.init(rng, images)
-    variables = convert.resnet_into(
-        "deeplab_v3_plus", variables,
-        torchvision.models.resnet101(weights=...).state_dict())
-
-  The ImageNet classifier "fc" is dropped; the heads (ASPP, decoder, ...)
-  keep their values in `variables`. Dilation, output stride and multi-grid
-  have no params, so the same weights fit every output stride. Which of
-  torchvision's resnet50 / resnet101 the model takes follows from its
-  blocks per stage; the model must have the default width (64).
-
-  Args:
-    name: a key of RESNET_BACKBONES.
-    variables: the model's variables (e.g. from init, or eval_shape).
-    state_dict: torchvision resnet50() / resnet101() state dict (numpy
-      arrays or torch tensors).
-
-  Returns:
-    A copy of `variables` with the backbone's params and batch_stats
-    replaced by the converted weights (float32).
-
-  Raises:
-    ConfigError: for a model without a ResNet backbone.
-    CheckpointError: if the state dict and the model's backbone differ
-      (depth, width, or a state dict that is not a torchvision ResNet).
-  """
-  if name not in RESNET_BACKBONES:
-    raise ConfigError(f"resnet_into: {name!r} has no ResNet backbone; valid: "
-                      f"{', '.join(sorted(RESNET_BACKBONES))}.")
-  path = RESNET_BACKBONES[name]
-  backbone = _lookup(variables.get("params", {}), path)
-  if backbone is None:
-    raise CheckpointError(f"resnet_into: the variables have no params/"
-                          f"{'/'.join(path)}; pass {name!r}'s variables.")
-  stages = _blocks_per_stage(backbone)
-  if stages not in _RESNET_CONVERTERS:
-    raise CheckpointError(
-        f"resnet_into: {name!r}'s backbone has {stages} blocks per stage; "
-        "torchvision's ImageNet weights exist for ResNet-50 (3, 4, 6, 3) and "
-        "ResNet-101 (3, 4, 23, 3): build the model with one of those "
-        "stage_sizes.")
-  given = _blocks_per_stage(state_dict)
-  if given != stages:
-    raise CheckpointError(
-        f"resnet_into: the state dict has {given} blocks per stage but "
-        f"{name!r}'s backbone has {stages}; pass "
-        f"{_RESNET_CONVERTERS[stages]}'s weights or build the model with "
-        f"stage_sizes={given}.")
-  converter = _RESNET_CONVERTERS[stages]
-  return _replace_subtree(f"resnet_into: {name!r}", variables,
-                          from_torch(converter, state_dict), path, converter,
-                          "the default width (64)")

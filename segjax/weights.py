@@ -13,9 +13,12 @@ the model has a full converter and the file holds its heads, otherwise the
 ImageNet backbone alone (torchvision vgg16 / vgg16_bn / resnet50 / resnet101).
 `write_checkpoint` saves it where `config.init_from` finds it; the trainer
 then takes every tensor the checkpoint has and initialises the rest.
+`vgg16_into` / `resnet_into` put converted torchvision ImageNet backbones
+into a model's variables (the registry models with such a backbone are
+VGG_BACKBONES and RESNET_BACKBONES).
 """
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -66,18 +69,6 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
 
 
-def _subtree(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _nest(path, value):
-  for key in reversed(path):
-    value = {key: value}
-  return value
-
-
 def init_checkpoint(model: str, state_dict: Mapping[str, Any], num_classes: int,
                     model_kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """The variables of `model` that `state_dict` provides.
@@ -98,30 +89,25 @@ def init_checkpoint(model: str, state_dict: Mapping[str, Any], num_classes: int,
                                               for k in state_dict)
   if whole:
     return convert.from_torch(model, state_dict, num_classes=num_classes, **model_kwargs)
-  if model in convert.RESNET_BACKBONES:
-    into, path = convert.resnet_into, convert.RESNET_BACKBONES[model]
-  elif model in convert.VGG_BACKBONES:
-    into, path = convert.vgg16_into, convert.VGG_BACKBONES[model][1]
+  if model in RESNET_BACKBONES:
+    into, path = resnet_into, RESNET_BACKBONES[model]
+  elif model in VGG_BACKBONES:
+    into, path = vgg16_into, VGG_BACKBONES[model][1]
   else:
     raise ConfigError(
         f"segjax convert: no PyTorch weights map onto {model!r}; models with an "
-        f"ImageNet backbone: {', '.join(sorted(set(convert.RESNET_BACKBONES) | set(convert.VGG_BACKBONES)))}")
+        f"ImageNet backbone: {', '.join(sorted(set(RESNET_BACKBONES) | set(VGG_BACKBONES)))}")
   module = models.build(model, num_classes=num_classes, **model_kwargs)
   # Shapes are all the backbone converters need: nothing is computed.
   shapes = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
                           jnp.zeros((1, 224, 224, 3), jnp.float32))
   filled = into(model, shapes, state_dict)
-  return {collection: _nest(path, _subtree(tree, path))
-          for collection, tree in filled.items()
-          if isinstance(tree, Mapping) and _has_path(tree, path)}
-
-
-def _has_path(tree, path):
-  try:
-    _subtree(tree, path)
-    return True
-  except (KeyError, TypeError):
-    return False
+  out = {}
+  for collection, tree in filled.items():
+    subtree = convert.tree_lookup(tree, path)
+    if subtree is not None:
+      convert.tree_set(out, (collection,) + tuple(path), subtree)
+  return out
 
 
 def write_checkpoint(variables: Mapping[str, Any], output: str) -> str:
@@ -140,3 +126,171 @@ def write_checkpoint(variables: Mapping[str, Any], output: str) -> str:
   manager.wait()
   manager.close()
   return os.path.join(directory, "0")
+
+
+# Where torchvision's VGG weights go in the VGG-based registry models:
+# model -> (converter, path of the converted subtree in the model).
+VGG_BACKBONES = {
+    "fcn32s": ("vgg16_fc", ("backbone",)),
+    "fcn16s": ("vgg16_fc", ("backbone",)),
+    "fcn8s": ("vgg16_fc", ("backbone",)),
+    "deeplab_v1": ("vgg16", ("backbone", "features")),
+    "parsenet": ("vgg16", ("backbone", "features")),
+    "segnet": ("vgg16_bn", ("encoder",)),
+    "deconvnet": ("vgg16_bn", ("encoder",)),
+}
+
+
+def vgg16_into(name: str, variables: Mapping[str, Any],
+               state_dict: Mapping[str, Any], **kwargs) -> Dict[str, Any]:
+  """Initialises a VGG-based model's backbone from torchvision ImageNet weights.
+
+    model = models.build("fcn8s", num_classes=21)
+    variables = model.init(rng, images)
+    variables = weights.vgg16_into("fcn8s", variables,
+                                   torchvision.models.vgg16(weights=...).state_dict())
+
+  FCN-32s/16s/8s take vgg16's features and fc6/fc7 (as convs, the paper's
+  recipe); DeepLab v1 and ParseNet vgg16's features only (their fc6 is a
+  dilated 3x3 conv with 1024 channels; the paper's subsampling of VGG's fc6
+  is not provided); SegNet and DeconvNet vgg16_bn's features. The model
+  must have the paper's widths and stage sizes (and fc width, unless the
+  same `fc_width` is passed in kwargs).
+
+  Args:
+    name: a key of VGG_BACKBONES.
+    variables: the model's variables (e.g. from init).
+    state_dict: torchvision vgg16() / vgg16_bn() state dict (whole model or
+      `features`, as the converter accepts).
+    **kwargs: options of the converter's backbone module, e.g. fc_width.
+
+  Returns:
+    A copy of `variables` with the backbone subtree (params and, for BN
+    models, batch_stats) replaced by the converted weights.
+
+  Raises:
+    ConfigError: for a model without a VGG backbone.
+    CheckpointError: if the state dict or the model's shapes do not fit.
+  """
+  if name not in VGG_BACKBONES:
+    raise ConfigError(f"vgg16_into: {name!r} has no VGG backbone; valid: "
+                      f"{', '.join(sorted(VGG_BACKBONES))}.")
+  converter, path = VGG_BACKBONES[name]
+  return _replace_subtree(
+      f"vgg16_into: {name!r}", variables, convert.from_torch(converter, state_dict, **kwargs),
+      path, converter, "the paper's widths and stage sizes (the defaults)")
+
+
+def _replace_subtree(what, variables, converted, path, converter, fix):
+  """A copy of `variables` with each collection's subtree at `path` replaced.
+
+  Raises CheckpointError (saying to build the model with `fix`) unless the
+  converted subtree has exactly the model's structure and shapes.
+  """
+  out = _to_dicts(variables)
+  for collection, tree in converted.items():
+    current = convert.tree_lookup(out.get(collection, {}), path)
+    same = current is not None and (
+        jax.tree_util.tree_structure(current)
+        == jax.tree_util.tree_structure(tree)) and all(
+            a.shape == b.shape for a, b in zip(
+                jax.tree_util.tree_leaves(current),
+                jax.tree_util.tree_leaves(tree)))
+    if not same:
+      raise CheckpointError(
+          f"{what}'s {collection}/{'/'.join(path)} does not have the shapes of "
+          f"{converter!r}'s weights; build the model with {fix}.")
+    convert.tree_set(out[collection], path, tree)
+  return out
+
+
+def _to_dicts(tree):
+  """Nested mappings (e.g. FrozenDict) -> plain dicts."""
+  if isinstance(tree, Mapping):
+    return {k: _to_dicts(v) for k, v in tree.items()}
+  return tree
+
+
+# Where torchvision's ImageNet ResNet weights go in the ResNet-based registry
+# models: model -> path of their backbones.resnet.ResNet subtree.
+RESNET_BACKBONES = {
+    "deeplab_v2": ("backbone",),
+    "deeplab_v3": ("backbone",),
+    "deeplab_v3_plus": ("backbone",),
+    "fcn_resnet50": ("backbone",),
+    "deeplab_v3_resnet50": ("backbone",),
+    "fcn_resnet101": ("backbone",),
+    "deeplab_v3_resnet101": ("backbone",),
+}
+_RESNET_CONVERTERS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
+
+
+def _blocks_per_stage(names) -> Tuple[int, ...]:
+  """Bottlenecks per stage from names like "layer3_5" / "layer3.5.conv1.weight"."""
+  counts = [0, 0, 0, 0]
+  for name in names:
+    head = name.replace(".", "_").split("_")
+    if (len(head) > 1 and head[0] in ("layer1", "layer2", "layer3", "layer4")
+        and head[1].isdigit()):
+      s = int(head[0][-1]) - 1
+      counts[s] = max(counts[s], int(head[1]) + 1)
+  return tuple(counts)
+
+
+def resnet_into(name: str, variables: Mapping[str, Any],
+                state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """Initialises a ResNet-based model's backbone from torchvision ImageNet weights.
+
+    model = models.build("deeplab_v3_plus", num_classes=21)  # ResNet-101
+    variables = model.init(rng, images)
+    variables = weights.resnet_into(
+        "deeplab_v3_plus", variables,
+        torchvision.models.resnet101(weights=...).state_dict())
+
+  The ImageNet classifier "fc" is dropped; the heads (ASPP, decoder, ...)
+  keep their values in `variables`. Dilation, output stride and multi-grid
+  have no params, so the same weights fit every output stride. Which of
+  torchvision's resnet50 / resnet101 the model takes follows from its
+  blocks per stage; the model must have the default width (64).
+
+  Args:
+    name: a key of RESNET_BACKBONES.
+    variables: the model's variables (e.g. from init, or eval_shape).
+    state_dict: torchvision resnet50() / resnet101() state dict (numpy
+      arrays or torch tensors).
+
+  Returns:
+    A copy of `variables` with the backbone's params and batch_stats
+    replaced by the converted weights (float32).
+
+  Raises:
+    ConfigError: for a model without a ResNet backbone.
+    CheckpointError: if the state dict and the model's backbone differ
+      (depth, width, or a state dict that is not a torchvision ResNet).
+  """
+  if name not in RESNET_BACKBONES:
+    raise ConfigError(f"resnet_into: {name!r} has no ResNet backbone; valid: "
+                      f"{', '.join(sorted(RESNET_BACKBONES))}.")
+  path = RESNET_BACKBONES[name]
+  backbone = convert.tree_lookup(variables.get("params", {}), path)
+  if backbone is None:
+    raise CheckpointError(f"resnet_into: the variables have no params/"
+                          f"{'/'.join(path)}; pass {name!r}'s variables.")
+  stages = _blocks_per_stage(backbone)
+  if stages not in _RESNET_CONVERTERS:
+    raise CheckpointError(
+        f"resnet_into: {name!r}'s backbone has {stages} blocks per stage; "
+        "torchvision's ImageNet weights exist for ResNet-50 (3, 4, 6, 3) and "
+        "ResNet-101 (3, 4, 23, 3): build the model with one of those "
+        "stage_sizes.")
+  given = _blocks_per_stage(state_dict)
+  if given != stages:
+    raise CheckpointError(
+        f"resnet_into: the state dict has {given} blocks per stage but "
+        f"{name!r}'s backbone has {stages}; pass "
+        f"{_RESNET_CONVERTERS[stages]}'s weights or build the model with "
+        f"stage_sizes={given}.")
+  converter = _RESNET_CONVERTERS[stages]
+  return _replace_subtree(f"resnet_into: {name!r}", variables,
+                          convert.from_torch(converter, state_dict), path, converter,
+                          "the default width (64)")

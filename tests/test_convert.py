@@ -14,6 +14,7 @@ import pytest
 
 from segjax import convert
 from segjax import models
+from segjax import weights
 from segjax.errors import CheckpointError, ConfigError
 from segjax.models import fcn
 from segjax.models.backbones import resnet as resnet_lib
@@ -281,9 +282,9 @@ def test_fc_layers_become_convs():
                                 variables["params"]["fc7"]["kernel"])
 
 
-@pytest.mark.parametrize("name", sorted(convert.VGG_BACKBONES))
+@pytest.mark.parametrize("name", sorted(weights.VGG_BACKBONES))
 def test_vgg16_into_fills_the_backbone_only(name):
-  converter, path = convert.VGG_BACKBONES[name]
+  converter, path = weights.VGG_BACKBONES[name]
   kwargs = dict(CONVERTER_KWARGS.get(converter, {}))
   expected, state = _random_state(converter, **kwargs)
   model = models.build(name, 3, **kwargs)
@@ -291,20 +292,20 @@ def test_vgg16_into_fills_the_backbone_only(name):
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   variables = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32),
                                      shapes)
-  filled = convert.vgg16_into(name, variables, state, **kwargs)
+  filled = weights.vgg16_into(name, variables, state, **kwargs)
   for collection, tree in expected.items():
     got = dict(jax.tree_util.tree_leaves_with_path(
-        convert._lookup(filled[collection], path)))
+        convert.tree_lookup(filled[collection], path)))
     for key, leaf in jax.tree_util.tree_leaves_with_path(tree):
       np.testing.assert_array_equal(got[key], leaf)
   # The rest (zeros here) is untouched and the structure is the model's.
   assert (jax.tree_util.tree_structure(filled)
-          == jax.tree_util.tree_structure(convert._to_dicts(variables)))
+          == jax.tree_util.tree_structure(weights._to_dicts(variables)))
   head = {k: v for k, v in filled["params"].items() if k != path[0]}
   assert not any(np.any(l) for l in jax.tree_util.tree_leaves(head))
   small = models.build(name, 3, widths=(4,) * 5, **kwargs)
   with pytest.raises(CheckpointError, match="paper's widths"):
-    convert.vgg16_into(name, jax.eval_shape(lambda: small.init(
+    weights.vgg16_into(name, jax.eval_shape(lambda: small.init(
         jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)), state,
                        **kwargs)
 
@@ -329,7 +330,7 @@ def test_vgg16_fc_parity(torch):
   model = models.build("fcn32s", 5)
   init = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
   init = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), init)
-  filled = convert.vgg16_into("fcn32s", init, net.state_dict())
+  filled = weights.vgg16_into("fcn32s", init, net.state_dict())
   assert filled["params"]["score_fr"]["kernel"].shape == (1, 1, 4096, 5)
   np.testing.assert_array_equal(
       filled["params"]["backbone"]["fc6"]["kernel"],
@@ -360,7 +361,7 @@ def test_resnet_into_fills_the_backbone_only(name, converter, kwargs):
   state["fc.bias"] = np.zeros((1000,), np.float32)
   model = models.build(name, 3, **kwargs)
   variables = _zeros_like_model(model)
-  filled = convert.resnet_into(name, variables, state)
+  filled = weights.resnet_into(name, variables, state)
   for collection, tree in expected.items():
     got = dict(jax.tree_util.tree_leaves_with_path(
         filled[collection]["backbone"]))
@@ -368,7 +369,7 @@ def test_resnet_into_fills_the_backbone_only(name, converter, kwargs):
       np.testing.assert_array_equal(got[key], leaf)
   # The heads (zeros here) are untouched and the structure is the model's.
   assert (jax.tree_util.tree_structure(filled)
-          == jax.tree_util.tree_structure(convert._to_dicts(variables)))
+          == jax.tree_util.tree_structure(weights._to_dicts(variables)))
   heads = {k: v for k, v in filled["params"].items() if k != "backbone"}
   assert heads and not any(np.any(l) for l in jax.tree_util.tree_leaves(heads))
 
@@ -377,15 +378,15 @@ def test_resnet_into_says_how_to_fix_mismatches():
   _, state50 = _random_state("resnet50")
   model101 = models.build("deeplab_v3", 3)
   with pytest.raises(CheckpointError, match=r"stage_sizes=\(3, 4, 6, 3\)"):
-    convert.resnet_into("deeplab_v3", _zeros_like_model(model101), state50)
+    weights.resnet_into("deeplab_v3", _zeros_like_model(model101), state50)
   narrow = models.build("deeplab_v3", 3, stage_sizes=RESNET50, width=8)
   with pytest.raises(CheckpointError, match="width"):
-    convert.resnet_into("deeplab_v3", _zeros_like_model(narrow), state50)
+    weights.resnet_into("deeplab_v3", _zeros_like_model(narrow), state50)
   tiny = models.build("deeplab_v2", 3, stage_sizes=(1, 1, 1, 1), width=4)
   with pytest.raises(CheckpointError, match="ResNet-50"):
-    convert.resnet_into("deeplab_v2", _zeros_like_model(tiny), state50)
+    weights.resnet_into("deeplab_v2", _zeros_like_model(tiny), state50)
   with pytest.raises(ConfigError, match="deeplab_v3_plus"):
-    convert.resnet_into("unet", {}, state50)
+    weights.resnet_into("unet", {}, state50)
 
 
 def test_resnet_into_parity(torch):
@@ -401,7 +402,7 @@ def test_resnet_into_parity(torch):
   # multi_grid=None: torchvision's rates (the paper's (1, 2, 4) differ).
   model = models.build("deeplab_v3_plus", 3, stage_sizes=RESNET50,
                        output_stride=8, multi_grid=None)
-  variables = convert.resnet_into(
+  variables = weights.resnet_into(
       "deeplab_v3_plus", _zeros_like_model(model), net.state_dict())
   with jax.default_matmul_precision("highest"):
     _, state = jax.jit(lambda v, x: model.apply(

@@ -15,7 +15,8 @@ from segjax.ops import dense_crf
 
 Array = jax.Array
 
-# The input normalisation of ImageNet-initialised backbones (0..255 RGB).
+# The input normalisation of ImageNet-initialised backbones (0..255 RGB), as
+# segjax.data.transforms.normalize's default (not imported: it loads TensorFlow).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 

@@ -34,7 +34,7 @@ pipeline's normalisation, ImageNet's in pixel units by default). Training
 
 Weights: params["backbone"]["features"] is a backbones.vgg.VGG, so
 torchvision's vgg16 features convert into it with segjax.convert "vgg16"
-(pooling and dilation have no params; see convert.vgg16_into). The paper initialises fc6/fc7 from VGG's fc6/fc7
+(pooling and dilation have no params; see weights.vgg16_into). The paper initialises fc6/fc7 from VGG's fc6/fc7
 subsampled (4096 -> 1024 channels, 7x7 -> 3x3 taps); that is not provided:
 fc6-fc8 start from scratch.
 
@@ -60,7 +60,6 @@ Dtype = Any
 # =============================================================================
 
 VGG16_STAGES = (2, 2, 3, 3, 3)
-# Pixel units, RGB: the default of segjax.data.transforms.normalize.
 # DeepLab-LargeFOV's CRF for VOC 2012 (bi_w 4, bi_xy_std 121, bi_rgb_std 5,
 # pos_w 3, pos_xy_std 3, 10 mean-field iterations).
 DEEPLAB_V1_CRF = dict(num_iters=10, gaussian_sxy=3.0, gaussian_compat=3.0,

@@ -2,7 +2,7 @@
 
 All three share one trunk, backbones.resnet.ResNet (torchvision's v1.5
 layout, params["backbone"], so torchvision's ImageNet resnet50/resnet101
-weights convert into it: segjax.convert.resnet_into), made dense by trading
+weights convert into it: segjax.weights.resnet_into), made dense by trading
 strides for atrous rates. ResNet-101 ((3, 4, 23, 3)) is the default, as in
 the papers' best results; ResNet-50 is `stage_sizes=(3, 4, 6, 3)`. Logits
 are bilinearly upsampled (PyTorch's align_corners=False) to the input size
@@ -60,7 +60,7 @@ import jax.numpy as jnp
 from segjax.errors import ConfigError
 from segjax.models.backbones.resnet import ResNet, block_schedule
 from segjax.models.layers import ConvBNAct
-from segjax.models.torchvision_seg import ASPP, FCNHead
+from segjax.models.torchvision_seg import ASPP, aux_logits, upsample_logits
 from segjax.models.crf_option import (IMAGENET_MEAN, IMAGENET_STD, check_crf_options,
                                       refine_with_crf)
 from segjax.ops import resize
@@ -69,18 +69,11 @@ Array = jax.Array
 Dtype = Any
 
 RESNET101 = (3, 4, 23, 3)
-# RGB, pixel units: segjax.data.transforms' normalisation (not imported:
-# it pulls in TensorFlow).
 # DeepLab v2 ResNet-101's CRF for VOC 2012 (bi_w 4, bi_xy_std 67,
 # bi_rgb_std 3, pos_w 3, pos_xy_std 1, 10 mean-field iterations).
 DEEPLAB_V2_CRF = dict(num_iters=10, gaussian_sxy=1.0, gaussian_compat=3.0,
                       bilateral_sxy=67.0, bilateral_srgb=3.0,
                       bilateral_compat=4.0)
-
-
-def _upsample(logits: Array, size: Tuple[int, int]) -> Array:
-  """Bilinear (align_corners=False) to `size`, in float32 like the losses."""
-  return resize(logits.astype(jnp.float32), size)
 
 
 def _check(model: nn.Module, output_strides: Sequence[int],
@@ -194,7 +187,7 @@ class DeepLabV2(nn.Module):
                       name="backbone")(images, train)
     scores = ASPPL(self.num_classes, self.rates, dtype=self.dtype,
                    name="aspp")(features["c5"])
-    logits = _upsample(scores, images.shape[1:3])
+    logits = upsample_logits(scores, images.shape[1:3])
     if not self.crf or train:
       return {"logits": logits}
     return refine_with_crf(logits, images, crf_image, self.mean, self.std,
@@ -295,12 +288,10 @@ class DeepLabV3(nn.Module):
       raise ValueError(f"images must be [N, H, W, C], got {images.shape}")
     size = images.shape[1:3]
     features, x = self._encode(images, train)
-    outputs = {"logits": _upsample(self._decode(features, x, train), size)}
+    outputs = {"logits": upsample_logits(self._decode(features, x, train), size)}
     if self.aux:
-      aux = FCNHead(self.num_classes, features["c4"].shape[-1] // 4,
-                    dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                    name="aux_classifier")(features["c4"], train)
-      outputs["aux"] = [_upsample(aux, size)]
+      outputs["aux"] = [aux_logits(features["c4"], size, self.num_classes, train,
+                                   self.dtype, self.bn_axis_name)]
     return outputs
 
 

@@ -21,7 +21,7 @@ Only the feature pixels that cover the image (not the alignment padding)
 enter the global average.
 
 Weights: params["backbone"] is DeepLab v1's trunk; its "features" take
-torchvision's vgg16 features (segjax.convert "vgg16"; convert.vgg16_into).
+torchvision's vgg16 features (segjax.convert "vgg16"; weights.vgg16_into).
 
 Registered in segjax.models as "parsenet".
 """

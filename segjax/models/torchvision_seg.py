@@ -125,6 +125,25 @@ class DeepLabHead(nn.Module):
                    name="head")(x)
 
 
+def upsample_logits(logits: Array, size: Sequence[int]) -> Array:
+  """[N, h, w, K] -> [N, H, W, K] float32, bilinear (align_corners=False).
+
+  In float32, like the logits the losses see.
+  """
+  return resize(logits.astype(jnp.float32), size)
+
+
+def aux_logits(c4: Array, size: Sequence[int], num_classes: int, train: bool,
+               dtype: Dtype, bn_axis_name: Optional[str]) -> Array:
+  """torchvision's auxiliary FCNHead ("aux_classifier") on C4, upsampled.
+
+  Call from a compact module: the head becomes its submodule.
+  """
+  head = FCNHead(num_classes, c4.shape[-1] // 4, dtype=dtype,
+                 bn_axis_name=bn_axis_name, name="aux_classifier")
+  return upsample_logits(head(c4, train), size)
+
+
 class _TorchvisionSegModel(nn.Module):
   """ResNet backbone + main head on C5 (+ FCN aux head on C4), upsampled.
 
@@ -160,7 +179,8 @@ class _TorchvisionSegModel(nn.Module):
                   name="backbone")
 
   def _classifier(self, in_channels: int) -> nn.Module:
-    raise NotImplementedError
+    """The main head on C5 (C5 has `in_channels`): each subclass's own."""
+    raise NotImplementedError(f"{type(self).__name__} must define its head")
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Dict[str, Any]:
@@ -181,13 +201,10 @@ class _TorchvisionSegModel(nn.Module):
     backbone = self._backbone()
     features = backbone(images, train)
     logits = self._classifier(backbone.channels["c5"])(features["c5"], train)
-    # Upsampled in float32, like the logits the losses see.
-    outputs = {"logits": resize(logits.astype(jnp.float32), size)}
+    outputs = {"logits": upsample_logits(logits, size)}
     if self.aux:
-      aux = FCNHead(self.num_classes, backbone.channels["c4"] // 4,
-                    dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                    name="aux_classifier")(features["c4"], train)
-      outputs["aux"] = [resize(aux.astype(jnp.float32), size)]
+      outputs["aux"] = [aux_logits(features["c4"], size, self.num_classes, train,
+                                   self.dtype, self.bn_axis_name)]
     return outputs
 
 
