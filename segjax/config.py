@@ -29,7 +29,7 @@ REQUIRED_KEYS = (
 
 # Dicts of options that their builders validate (models.build, losses.get_loss),
 # so an override may add a key to them: --config.model_kwargs.output_stride=8.
-OPEN_KEYS = ("model_kwargs", "loss.kwargs")
+OPEN_KEYS = ("model_kwargs", "loss.kwargs", "optimizer.lr_mult")
 
 
 def load_config(path, overrides=()):
@@ -200,11 +200,33 @@ _DATASETS = {
                        weight_decay=5e-4),
         eval=dict(every_steps=4000, batch_size=8, resize_to=None),
         checkpoint=dict(every_steps=4000)),
+    # ADE20K (SceneParsing, 150 classes, reduce-zero-label): 512x512 crops,
+    # batch 16, 160k steps, the schedule of SegFormer and SETR.
+    "ade20k": dict(
+        dataset="ade20k", num_classes=150, image_size=(512, 512),
+        augment=dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
+                     std=(58.395, 57.12, 57.375)),
+        train=dict(steps=160000, batch_size=16, log_every_steps=50),
+        optimizer=dict(name="adamw", learning_rate=6e-5, schedule="poly", warmup_steps=1500,
+                       weight_decay=0.01),
+        eval=dict(every_steps=16000, batch_size=8, resize_to=None),
+        checkpoint=dict(every_steps=16000)),
+    # Cityscapes fine (19 train ids): 1024x1024 crops, batch 8, 160k steps.
+    "cityscapes": dict(
+        dataset="cityscapes", num_classes=19, image_size=(1024, 1024),
+        augment=dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
+                     std=(58.395, 57.12, 57.375)),
+        train=dict(steps=160000, batch_size=8, log_every_steps=50),
+        optimizer=dict(name="adamw", learning_rate=6e-5, schedule="poly", warmup_steps=1500,
+                       weight_decay=0.01),
+        eval=dict(every_steps=16000, batch_size=2, resize_to=None),
+        checkpoint=dict(every_steps=16000)),
 }
 
 
 def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
-  """Every core key, set for a dataset family ("segjax_shapes" or "voc").
+  """Every core key, set for a dataset family: "segjax_shapes", "voc",
+  "ade20k" or "cityscapes".
 
   The model keys (`model`, `model_kwargs`) are left for the config file,
   which ends with `return apply_mode(c, mode)`.
@@ -230,7 +252,9 @@ def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(nan_policy="stop", max_nonfinite_steps=10,
                                            **d["train"]))
   c.optimizer = ml_collections.ConfigDict(dict(
-      momentum=0.9, grad_clip_norm=1.0, end_factor=0.01, poly_power=0.9, **d["optimizer"]))
+      momentum=0.9, grad_clip_norm=1.0, end_factor=0.01, poly_power=0.9,
+      lr_mult={},  # {top-level module: learning-rate factor}, e.g. a head's 10x
+      **d["optimizer"]))
   c.eval = ml_collections.ConfigDict(dict(
       split="validation",
       image_size=None,  # Pad evaluation images to this size (None: as is).

@@ -38,18 +38,43 @@ def make_optimizer(opt, total_steps):
   norm scales) in both, the common practice.
   """
   schedule = make_schedule(opt, total_steps)
-  if opt.name == "sgd":
-    core = optax.chain(
-        optax.add_decayed_weights(opt.weight_decay, mask=_matrices_only),
-        optax.sgd(schedule, momentum=opt.momentum or None))
-  elif opt.name in ("adamw", "adam"):
-    wd = opt.weight_decay if opt.name == "adamw" else 0.0
-    core = optax.adamw(schedule, weight_decay=wd, mask=_matrices_only)
-  else:
+  if opt.name not in ("sgd", "adamw", "adam"):
     raise ConfigError(f"optimizer.name {opt.name!r} is unknown; use 'sgd' or 'adamw'")
+  lr_mult = dict(opt.get("lr_mult", None) or {})
+  if lr_mult:
+    core = _per_module_rates(opt, schedule, lr_mult)
+  else:
+    core = _core(opt, schedule)
   clip = opt.get("grad_clip_norm", 0.0)
   tx = optax.chain(optax.clip_by_global_norm(clip), core) if clip else core
   return tx, schedule
+
+
+def _core(opt, schedule):
+  if opt.name == "sgd":
+    return optax.chain(
+        optax.add_decayed_weights(opt.weight_decay, mask=_matrices_only),
+        optax.sgd(schedule, momentum=opt.momentum or None))
+  wd = opt.weight_decay if opt.name == "adamw" else 0.0
+  return optax.adamw(schedule, weight_decay=wd, mask=_matrices_only)
+
+
+def _per_module_rates(opt, schedule, lr_mult):
+  """`optimizer.lr_mult`: {top-level module name: learning-rate factor}, e.g.
+  {"decode_head": 10.0} as SegFormer and SETR train their heads (mmseg's
+  paramwise lr_mult). Other modules keep the base rate."""
+  def labels(params):
+    unknown = sorted(set(lr_mult) - set(params))
+    if unknown:
+      raise ConfigError(
+          f"optimizer.lr_mult names {', '.join(unknown)}, which the model does "
+          f"not have; its top-level modules are {', '.join(sorted(params))}")
+    return {k: jax.tree_util.tree_map(lambda _, k=k: k if k in lr_mult else "",
+                                      v) for k, v in params.items()}
+  transforms = {"": _core(opt, schedule)}
+  for name, factor in lr_mult.items():
+    transforms[name] = _core(opt, lambda step, f=float(factor): f * schedule(step))
+  return optax.multi_transform(transforms, labels)
 
 
 def _matrices_only(params):

@@ -1,0 +1,43 @@
+"""Per-module learning-rate factors (optimizer.lr_mult)."""
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from segjax.errors import ConfigError
+from segjax.train import optim
+
+
+def sgd_config(**kw):
+  opt = dict(name="sgd", learning_rate=0.1, schedule="constant", warmup_steps=0,
+             weight_decay=0.0, momentum=0.0, grad_clip_norm=0.0)
+  return ml_collections.ConfigDict({**opt, **kw})
+
+
+def test_lr_mult_scales_only_the_named_module():
+  params = {"backbone": {"w": jnp.ones((2, 2))}, "decode_head": {"w": jnp.ones((2, 2))}}
+  grads = {"backbone": {"w": jnp.full((2, 2), 1.0)},
+           "decode_head": {"w": jnp.full((2, 2), 1.0)}}
+  tx, _ = optim.make_optimizer(sgd_config(lr_mult={"decode_head": 10.0}), 100)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["backbone"]["w"], -0.1)
+  np.testing.assert_allclose(updates["decode_head"]["w"], -1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_lr_mult_of_one_changes_nothing(name):
+  params = {"a": {"w": jnp.arange(4.0).reshape(2, 2)}, "b": {"w": jnp.ones((2, 2))}}
+  grads = {"a": {"w": jnp.full((2, 2), 0.3)}, "b": {"w": jnp.full((2, 2), -2.0)}}
+  plain, _ = optim.make_optimizer(sgd_config(name=name, weight_decay=0.01), 100)
+  mult, _ = optim.make_optimizer(
+      sgd_config(name=name, weight_decay=0.01, lr_mult={"b": 1.0}), 100)
+  want, _ = plain.update(grads, plain.init(params), params)
+  got, _ = mult.update(grads, mult.init(params), params)
+  for k in params:
+    np.testing.assert_allclose(got[k]["w"], want[k]["w"], rtol=1e-6)
+
+
+def test_lr_mult_of_a_missing_module_names_the_modules():
+  tx, _ = optim.make_optimizer(sgd_config(lr_mult={"head": 10.0}), 100)
+  with pytest.raises(ConfigError, match="backbone"):
+    tx.init({"backbone": {"w": jnp.ones(2)}})
