@@ -13,6 +13,7 @@ kind says which tensors the module owns and how they are laid out:
   linear  weight [O, I] -> kernel [I, O]; bias -> bias
   bn      weight/bias -> params scale/bias; running_mean/running_var ->
           batch_stats mean/var (BatchNorm2d and FrozenBatchNorm2d alike)
+  layernorm  weight/bias -> params scale/bias
   fc_as_conv7, fc_as_conv1
           a Linear layer as a k x k conv (FCN's "convolutionalisation"):
           weight [O, I*k*k] (flattened C, H, W, as torchvision's VGG

@@ -26,6 +26,8 @@ KINDS = {
            ("params", "bias", "bias", lambda b: b, True),
            ("batch_stats", "mean", "running_mean", lambda m: m, True),
            ("batch_stats", "var", "running_var", lambda v: v, True)],
+    "layernorm": [("params", "scale", "weight", lambda w: w, True),
+                  ("params", "bias", "bias", lambda b: b, True)],
 }
 
 
