@@ -98,13 +98,28 @@ def cmd_eval(args, overrides):
   trainer = loop.Trainer(config, args.workdir)
   state, step = _restore(trainer, args.step)
   split = args.split or config.eval.split
-  result = trainer.evaluate(state, split=split)
+  options = config.eval
+  if _primary():
+    print(f"evaluating {split} at step {step}: {options.mode} inference, scales "
+          f"{tuple(options.scales)}, flip {options.flip}", flush=True)
+  result = trainer.evaluate_images(state, split=split, progress=_every_50)
   MetricsWriter(args.workdir, _primary(), tensorboard=False).write(step, split, result)
   if _primary():
     print(f"{split} at step {step}: mIoU {result['miou']:.4f} | pixel accuracy "
           f"{result['pixel_accuracy']:.4f} | mean accuracy {result['mean_accuracy']:.4f}")
     names = ", ".join("nan" if v != v else f"{v:.3f}" for v in result["per_class_iou"])
     print(f"per-class IoU: {names}")
+
+
+def _every_50(examples):
+  """Passes `examples` through, printing a count every 50 (long evaluations)."""
+  count = 0
+  for count, example in enumerate(examples, 1):
+    if count % 50 == 0 and _primary():
+      print(f"  {count} images", flush=True)
+    yield example
+  if _primary():
+    print(f"  {count} images scored", flush=True)
 
 
 def _restore(trainer, step):

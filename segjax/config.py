@@ -258,6 +258,10 @@ def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       split="validation",
       image_size=None,  # Pad evaluation images to this size (None: as is).
+      # `segjax eval` / `segjax predict` inference (segjax/inference.py):
+      # "whole" or "slide" (crop_size, stride), at `scales` with optional
+      # flips, on canvases rounded up to a multiple of `bucket` pixels.
+      mode="whole", crop_size=None, stride=None, scales=(1.0,), flip=False, bucket=32,
       **d["eval"]))  # resize_to: run the model at this size (None: image size).
   c.checkpoint = ml_collections.ConfigDict(dict(keep=3, **d["checkpoint"]))
   c.parallel = ml_collections.ConfigDict(dict(mode="jit"))

@@ -1,21 +1,226 @@
-"""Inference on image files: whole-image prediction, colour masks, overlays.
+"""Inference the way papers report numbers: whole image or sliding window,
+optionally multi-scale with horizontal flips, answered at the image's size.
 
-The model runs on the image at its own size (fully convolutional models
-accept any size; one compilation per distinct size), or, when the config
-sets `eval.resize_to`, on the image resized to that size, with the class
-probabilities resized back to the image.
+  segmenter = Segmenter(model, InferenceOptions.from_config(config.eval))
+  labels, probs = segmenter(variables, image)   # image float32 [H, W, 3]
+
+Modes (config `eval.mode`):
+  whole  the model sees the whole image; with `eval.resize_to` (h, w) it sees
+         the image resized to that size, and its output is resized back.
+  slide  crop_size windows every `stride` pixels (mmsegmentation's
+         slide_inference: the last window of a row or column is shifted to
+         end at the border); the logits of overlapping windows are averaged.
+  Both run at every scale of `eval.scales` (the image resized by that
+  factor, PyTorch bilinear) and, with `eval.flip`, on its mirror image too;
+  the softmax probabilities of all runs are resized back to the image and
+  averaged.
+
+Compilation. Images of many sizes share compiled programs: an image is
+placed in the top-left corner of a canvas whose sides are rounded up to a
+multiple of `eval.bucket` pixels, and the image's true size travels as a
+traced value. Resizing, window placement and flipping act on that valid
+region only (segjax.ops.region_resize), so one program serves every image
+whose canvas is the same, whatever its size. Each distinct canvas compiles
+once (`Segmenter.compilations` counts them). What padding changes: with
+`resize_to` or in slide mode, nothing as long as the image is at least a
+crop large (the model only sees image pixels); in whole mode at the native
+size, the model also sees the zero (mean-colour) padding right and below
+the image, which CNNs feel near those borders; set `eval.bucket=1` for exact
+native-size inference at one compilation per image size.
 """
-import functools
+import dataclasses
+import math
 import os
+from typing import Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from segjax import viz
-from segjax.errors import DataError
-from segjax.ops import resize
-from segjax.train import steps
+from segjax import metrics, viz
+from segjax.errors import ConfigError, DataError
+from segjax.ops import region_resize
+
+MODES = ("whole", "slide")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+  """How to run a model on one image (see the module docstring).
+
+  mode: "whole" or "slide".
+  resize_to: whole mode: (h, w) the model runs at, or None (native size).
+  crop_size, stride: slide mode: window (h, w) and step (h, w).
+  scales: image scale factors; (1.0,) is single-scale.
+  flip: also run on the horizontally mirrored image.
+  bucket: canvas sides are rounded up to a multiple of this.
+  """
+  mode: str = "whole"
+  resize_to: Optional[Tuple[int, int]] = None
+  crop_size: Optional[Tuple[int, int]] = None
+  stride: Optional[Tuple[int, int]] = None
+  scales: Tuple[float, ...] = (1.0,)
+  flip: bool = False
+  bucket: int = 32
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ConfigError(f"eval.mode is {self.mode!r}; use 'whole' or 'slide'")
+    if self.mode == "slide" and not (self.crop_size and self.stride):
+      raise ConfigError("eval.mode 'slide' needs eval.crop_size and eval.stride, "
+                        "e.g. --config.eval.crop_size=512,512 --config.eval.stride=341,341")
+    if not self.scales or min(self.scales) <= 0:
+      raise ConfigError(f"eval.scales must be positive factors, got {self.scales}")
+    if self.bucket < 1:
+      raise ConfigError(f"eval.bucket must be >= 1, got {self.bucket}")
+
+  @classmethod
+  def from_config(cls, eval_config) -> "InferenceOptions":
+    """From a config's `eval` block; missing keys take the defaults."""
+    def pair(key):
+      value = eval_config.get(key)
+      return tuple(int(v) for v in value) if value else None
+    return cls(mode=eval_config.get("mode", "whole"), resize_to=pair("resize_to"),
+               crop_size=pair("crop_size"), stride=pair("stride"),
+               scales=tuple(float(s) for s in eval_config.get("scales", (1.0,))),
+               flip=bool(eval_config.get("flip", False)),
+               bucket=int(eval_config.get("bucket", 32)))
+
+
+class Segmenter:
+  """Compiled inference of one model under one set of InferenceOptions."""
+
+  def __init__(self, model, options: InferenceOptions):
+    self.model = model
+    self.options = options
+    self.compilations = 0  # distinct canvases traced so far
+    self._run = jax.jit(self._canvas_probabilities)
+    self._confusion = jax.jit(self._canvas_confusion, static_argnums=(4, 5))
+
+  def canvas_shape(self, height: int, width: int) -> Tuple[int, int]:
+    """The static canvas an image of this size is placed on."""
+    b = self.options.bucket
+    return math.ceil(height / b) * b, math.ceil(width / b) * b
+
+  def __call__(self, variables, image) -> Tuple[np.ndarray, np.ndarray]:
+    """Labels int32 [H, W] and probabilities float32 [H, W, K] of one
+    normalised image float32 [H, W, 3]."""
+    height, width = image.shape[:2]
+    ch, cw = self.canvas_shape(height, width)
+    canvas = np.zeros((1, ch, cw, image.shape[2]), np.float32)
+    canvas[0, :height, :width] = image
+    probs = self._run(variables, canvas, np.array([height, width], np.int32))
+    probs = probs[0, :height, :width]
+    return np.asarray(jnp.argmax(probs, axis=-1), np.int32), np.asarray(probs)
+
+  def confusion(self, variables, image, label, num_classes: int,
+                ignore_index: int = 255) -> np.ndarray:
+    """Confusion matrix int32 [K, K] (rows ground truth) of one normalised
+    image float32 [H, W, 3] against its label int [H, W], at its resolution."""
+    height, width = image.shape[:2]
+    ch, cw = self.canvas_shape(height, width)
+    canvas = np.zeros((1, ch, cw, image.shape[2]), np.float32)
+    canvas[0, :height, :width] = image
+    labels = np.full((1, ch, cw), ignore_index, np.int32)
+    labels[0, :height, :width] = label
+    return np.asarray(self._confusion(variables, canvas, np.array([height, width], np.int32),
+                                      labels, num_classes, ignore_index))
+
+  # --- traced --------------------------------------------------------------
+  def _canvas_confusion(self, variables, canvas, valid, labels, num_classes, ignore_index):
+    probs = self._canvas_probabilities(variables, canvas, valid)
+    return metrics.confusion_matrix(labels, jnp.argmax(probs, axis=-1), num_classes,
+                                    ignore_index=ignore_index)
+
+  def _canvas_probabilities(self, variables, canvas, valid):
+    """canvas [1, Hc, Wc, 3] with the image in [:valid[0], :valid[1]] ->
+    averaged probabilities [1, Hc, Wc, K], zero outside the image."""
+    self.compilations += 1  # runs once per trace, i.e. per compiled canvas
+    shape = canvas.shape[1:3]
+    total, runs = 0.0, 0
+    for scale in self.options.scales:
+      if scale == 1.0:
+        scaled, scaled_valid = canvas, valid
+      else:
+        scaled_shape = tuple(math.ceil(s * scale) for s in shape)
+        scaled_valid = jnp.maximum(jnp.floor(valid * scale + 0.5), 1).astype(jnp.int32)
+        scaled = region_resize.resize_region(canvas, scaled_shape, valid, scaled_valid)
+      for flip in (False, True) if self.options.flip else (False,):
+        x = region_resize.flip_region(scaled, scaled_valid[1]) if flip else scaled
+        probs = jax.nn.softmax(self._logits(variables, x, scaled_valid), axis=-1)
+        if flip:
+          probs = region_resize.flip_region(probs, scaled_valid[1])
+        if scale != 1.0:
+          probs = region_resize.resize_region(probs, shape, scaled_valid, valid)
+        total, runs = total + probs, runs + 1
+    inside = ((jnp.arange(shape[0]) < valid[0])[:, None]
+              & (jnp.arange(shape[1]) < valid[1])[None, :])
+    return jnp.where(inside[None, :, :, None], total / runs, 0.0)
+
+  def _apply(self, variables, images):
+    return self.model.apply(variables, images, train=False)["logits"].astype(jnp.float32)
+
+  def _logits(self, variables, canvas, valid):
+    """Logits [1, Hc, Wc, K] of the image in canvas[:, :valid[0], :valid[1]]."""
+    if self.options.mode == "slide":
+      return self._slide(variables, canvas, valid)
+    if self.options.resize_to is None:
+      return self._apply(variables, canvas)
+    size = self.options.resize_to
+    x = region_resize.resize_region(canvas, size, valid, jnp.array(size))
+    logits = self._apply(variables, x)
+    return region_resize.resize_region(logits, canvas.shape[1:3], jnp.array(size), valid)
+
+  def _slide(self, variables, canvas, valid):
+    """mmsegmentation's slide_inference on the valid region, every window in
+    one batch. Windows a smaller image does not need are computed and given
+    weight 0 (the canvas fixes how many there can be)."""
+    (ch, cw), (sh, sw) = self.options.crop_size, self.options.stride
+    # A canvas smaller than a crop is padded up to it (with zeros, as the
+    # windows of an image smaller than a crop see padding).
+    pad_h, pad_w = max(ch - canvas.shape[1], 0), max(cw - canvas.shape[2], 0)
+    canvas = jnp.pad(canvas, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    height, width = canvas.shape[1:3]
+    rows = max(-(-(height - ch) // sh), 0) + 1
+    cols = max(-(-(width - cw) // sw), 0) + 1
+    need_rows = jnp.maximum(valid[0] - ch + sh - 1, 0) // sh + 1
+    need_cols = jnp.maximum(valid[1] - cw + sw - 1, 0) // sw + 1
+    corners, crops = [], []
+    for i in range(rows):
+      for j in range(cols):
+        y = jnp.maximum(jnp.minimum(i * sh, valid[0] - ch), 0)
+        x = jnp.maximum(jnp.minimum(j * sw, valid[1] - cw), 0)
+        weight = ((i < need_rows) & (j < need_cols)).astype(jnp.float32)
+        corners.append((y, x, weight))
+        crops.append(jax.lax.dynamic_slice(canvas, (0, y, x, 0),
+                                           (1, ch, cw, canvas.shape[3])))
+    logits = self._apply(variables, jnp.concatenate(crops))
+    total = jnp.zeros((1, height, width, logits.shape[-1]), jnp.float32)
+    count = jnp.zeros((1, height, width, 1), jnp.float32)
+    for (y, x, weight), window in zip(corners, logits):
+      at = (0, y, x, 0)
+      total = jax.lax.dynamic_update_slice(
+          total, jax.lax.dynamic_slice(total, at, (1, ch, cw, total.shape[3]))
+          + weight * window[None], at)
+      count = jax.lax.dynamic_update_slice(
+          count, jax.lax.dynamic_slice(count, at, (1, ch, cw, 1)) + weight, at)
+    out = total / jnp.maximum(count, 1.0)
+    return out[:, :height - pad_h, :width - pad_w]
+
+
+def evaluate(segmenter: Segmenter, variables, examples, num_classes: int,
+             ignore_index: int = 255) -> np.ndarray:
+  """Confusion matrix int64 [K, K] (rows ground truth) over `examples`, an
+  iterable of (normalised image float32 [H, W, 3], label int [H, W]) scored
+  at each image's own resolution."""
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  for image, label in examples:
+    confusion += segmenter.confusion(variables, image, label, num_classes, ignore_index)
+  return confusion
+
+
+# --- image files -------------------------------------------------------------
 
 
 def read_image(path):
@@ -42,19 +247,10 @@ def normalize(image, mean, std):
       std, np.float32)
 
 
-def predict_probabilities(model, variables, images):
-  """Class probabilities float32 [N,H,W,K] for normalised images [N,H,W,3]."""
-  return _compiled_predict(model)(variables, images)
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_predict(model):
-  return jax.jit(functools.partial(steps.predict_step, model=model))
-
-
-def predict_files(trainer, state, paths, output_dir):
+def predict_files(trainer, state, paths: Sequence[str], output_dir: str):
   """Writes `<name>_mask.png` (colours), `<name>_overlay.png` and
-  `<name>_labels.png` (class indices) for each image file.
+  `<name>_labels.png` (class indices) for each image file, inferred as the
+  config's `eval` block says (mode, scales, flip).
 
   Returns:
     list of written file paths.
@@ -62,19 +258,15 @@ def predict_files(trainer, state, paths, output_dir):
   config = trainer.config
   host = trainer.par.host_state(state)
   variables = {"params": host.params, "batch_stats": host.batch_stats}
+  segmenter = Segmenter(trainer.model, InferenceOptions.from_config(config.eval))
   colours = viz.palette(config.num_classes)
   os.makedirs(output_dir, exist_ok=True)
   written = []
   for path in paths:
     image = read_image(path)
-    x = normalize(image, config.augment.mean, config.augment.std)[None]
-    resize_to = config.eval.get("resize_to")
-    if resize_to:  # Run at the model's size, answer at the image's.
-      x = np.asarray(resize(x, tuple(resize_to)))
-    probs = predict_probabilities(trainer.model, variables, x)
-    if probs.shape[1:3] != image.shape[:2]:
-      probs = resize(probs, image.shape[:2])
-    labels = np.asarray(np.argmax(probs[0], axis=-1), np.uint8)
+    labels, _ = segmenter(variables, normalize(image, config.augment.mean,
+                                               config.augment.std))
+    labels = labels.astype(np.uint8)
     stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
     outputs = {f"{stem}_mask.png": viz.colorize(labels, colours),
                f"{stem}_overlay.png": viz.overlay(image, labels, colours),

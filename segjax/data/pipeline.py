@@ -191,6 +191,31 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
   yield from _checked(ds.batch(per_host), config)
 
 
+def eval_examples(config, split=None, process_index=None, process_count=None):
+  """Yields this host's evaluation examples one by one, at their own size.
+
+  For `segjax eval`'s per-image inference (segjax.inference): no padding,
+  no resizing; each host reads `tfds.split_for_jax_process(split)`.
+
+  Yields:
+    (image float32 [H, W, 3] normalised, label int32 [H, W]) numpy pairs.
+  """
+  index, count = _process(process_index, process_count)
+  split = split or config.eval.split
+  builder = load_builder(config.dataset, config.data_dir)
+  if _num_examples(builder, split) == 0:
+    raise DataError(f"evaluation split {split!r} of {builder.name} is empty; "
+                    "check the dataset files or set eval.split")
+  aug = config.augment
+  host_split = tfds.split_for_jax_process(split, process_index=index,
+                                          process_count=count)
+  ds = builder.as_dataset(split=host_split, shuffle_files=False)
+  ds = ds.map(semantic_example).map(lambda ex: transforms.eval_transform(
+      ex, mean=tuple(aug.mean), std=tuple(aug.std)))
+  for example in _checked(ds.batch(1), config):
+    yield example["image"][0], example["label"][0]
+
+
 def _checked(ds, config):
   """Iterates `ds` as numpy, checking labels and naming data errors."""
   iterator = ds.as_numpy_iterator()

@@ -113,6 +113,28 @@ class Trainer:
     return result
 
 
+  def evaluate_images(self, state, split=None, progress=None):
+    """Per-image evaluation as papers report it (segjax.inference: whole or
+    sliding window, scales, flips, each image scored at its own size) ->
+    `metrics.scores` dict. Each host scores its share of the split on its
+    first device; the confusion matrices are summed over hosts."""
+    from segjax import inference
+    host = jax.device_get(self.par.host_state(state))
+    variables = {"params": host.params, "batch_stats": host.batch_stats}
+    segmenter = inference.Segmenter(
+        self.model, inference.InferenceOptions.from_config(self.config.eval))
+    examples = pipeline.eval_examples(self.config, split=split)
+    if progress is not None:
+      examples = progress(examples)
+    cm = inference.evaluate(segmenter, variables, examples, self.config.num_classes)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      cm = np.asarray(multihost_utils.process_allgather(cm)).sum(0)
+    result = metrics.scores(cm)
+    result["num_pixels"] = int(cm.sum())
+    return result
+
+
 def train(config, workdir):
   """Runs (or resumes) training; returns the final evaluation scores.
 
