@@ -225,6 +225,11 @@ def _checked(ds, config):
     except StopIteration:
       return
     except tf.errors.InvalidArgumentError as e:  # Raised by checks in the graph.
+      if "Cannot batch tensors with different shapes" in e.message:
+        raise DataError(
+            f"dataset {config.dataset}: images of different sizes cannot be batched "
+            "for evaluation; set eval.image_size to at least the largest (h, w) "
+            "(they are padded to it, padding ignored), or eval.batch_size=1") from e
       raise DataError(f"dataset {config.dataset}: {e.message.splitlines()[0]}") from e
     check_labels(host_batch["label"], config.num_classes, config.dataset)
     yield host_batch
