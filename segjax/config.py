@@ -281,7 +281,7 @@ def apply_mode(c: ml_collections.ConfigDict, mode: str = "") -> ml_collections.C
     c.augment.scale_range = (0.5, 1.0)
     c.eval.resize_to = None
     c.train.update(steps=4, batch_size=8, log_every_steps=2)
-    c.eval.update(every_steps=4, batch_size=8)
+    c.eval.update(every_steps=4, batch_size=8, mode="whole", scales=(1.0,), flip=False)
     c.checkpoint.every_steps = 2
   elif mode:
     raise ConfigError(f"unknown config mode {mode!r}; the only mode is 'tiny'")
