@@ -9,9 +9,10 @@ one inference and of one SGD train step (XLA cost analysis of the compiled
 program), compile seconds, median inference and train-step time over --runs
 runs after a warm-up (block_until_ready), images/s, peak memory and, on an
 accelerator with a known peak, MFU of the train step. Where a PyTorch original
-exists (torchvision's fcn_resnet50 / deeplabv3_resnet50) and torch is
-importable, it is timed in the same run and the ratio printed. --flops-only
-skips the timing (what XLA counts needs only compilation).
+exists (TORCH_ORIGINALS: torchvision's fcn_resnet50 / deeplabv3_resnet50,
+Hugging Face's SegformerForSemanticSegmentation for segformer_b*) and its
+library is importable, it is timed in the same run and the ratio printed.
+--flops-only skips the timing (what XLA counts needs only compilation).
 """
 import argparse
 import json
@@ -28,8 +29,48 @@ from segjax.train.state import init_state
 
 from timing import compile_jax, fmt, median_time, peak_flops, peak_memory_mb
 
-# Registry names whose PyTorch original is a torchvision constructor.
-TORCH_ORIGINALS = {"fcn_resnet50": "fcn_resnet50", "deeplab_v3_resnet50": "deeplabv3_resnet50"}
+
+def _torchvision(builder):
+  """A torchvision.models.segmentation model; its "out" is at input size."""
+  def make(name, args):
+    from torchvision.models import segmentation
+    net = getattr(segmentation, builder)(weights=None, weights_backbone=None,
+                                         num_classes=args.classes, aux_loss=False)
+    return net, lambda outputs, size: outputs["out"]
+  return make
+
+
+def _hf_segformer(name, args):
+  """transformers' SegformerForSemanticSegmentation with the registry model's
+  sizes. Its logits are at 1/4 resolution; they are upsampled (bilinear,
+  align_corners=False) before the loss, as segjax's model does, so both do
+  the same work."""
+  import torch
+  import transformers
+  ours = models.build(name, args.classes)
+  config = transformers.SegformerConfig(
+      num_labels=args.classes, hidden_sizes=list(ours.hidden_sizes),
+      depths=list(ours.depths), num_attention_heads=list(ours.num_heads),
+      sr_ratios=list(ours.sr_ratios), mlp_ratios=list(ours.mlp_ratios),
+      patch_sizes=list(ours.patch_sizes), strides=list(ours.strides),
+      decoder_hidden_size=ours.decoder_width, drop_path_rate=ours.drop_path_rate,
+      classifier_dropout_prob=ours.dropout)
+  net = transformers.SegformerForSemanticSegmentation(config)
+
+  def logits(outputs, size):
+    return torch.nn.functional.interpolate(outputs.logits, size=size, mode="bilinear",
+                                           align_corners=False)
+  return net, logits
+
+
+# Registry name -> constructor (name, args) -> (PyTorch original, function
+# (its outputs, (H, W)) -> logits [N, K, H, W]). Each imports its library
+# when called; an ImportError skips the comparison.
+TORCH_ORIGINALS = {
+    "fcn_resnet50": _torchvision("fcn_resnet50"),
+    "deeplab_v3_resnet50": _torchvision("deeplabv3_resnet50"),
+    **{f"segformer_b{i}": _hf_segformer for i in range(6)},
+}
 
 
 def bench_model(name, args):
@@ -79,18 +120,16 @@ def bench_model(name, args):
 
 
 def bench_torch(name, args):
-  """Train-step seconds of the torchvision original, or None."""
+  """Train-step seconds of the PyTorch original, or None."""
   if name not in TORCH_ORIGINALS or args.no_torch:
     return None
   try:
     import torch
-    from torchvision.models import segmentation
+    net, logits_of = TORCH_ORIGINALS[name](name, args)
   except ImportError:
     return None
   gpu = torch.cuda.is_available()
   device = torch.device("cuda" if gpu else "cpu")
-  net = getattr(segmentation, TORCH_ORIGINALS[name])(
-      weights=None, weights_backbone=None, num_classes=args.classes, aux_loss=False)
   net = net.to(device).to(memory_format=torch.channels_last).train()
   opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
   image = torch.randn(args.batch, 3, args.size, args.size, device=device).to(
@@ -101,7 +140,8 @@ def bench_torch(name, args):
   def step():
     opt.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-      loss = torch.nn.functional.cross_entropy(net(image)["out"].float(), label)
+      logits = logits_of(net(image), (args.size, args.size))
+      loss = torch.nn.functional.cross_entropy(logits.float(), label)
     loss.backward()
     opt.step()
     if gpu:

@@ -8,14 +8,19 @@ torch), a .safetensors file (needs the safetensors package, not torch) or a
 .npz file (numpy alone; e.g. written once with
 `np.savez(path, **{k: v.numpy() for k, v in sd.items()})`).
 `init_checkpoint` converts it for a registry model: a whole-model checkpoint
-(torchvision's fcn_resnet50 / deeplabv3_resnet50 / deeplabv3_resnet101) when
+(torchvision's fcn_resnet50 / deeplabv3_resnet50 / deeplabv3_resnet101, Hugging
+Face's SegformerForSemanticSegmentation) when
 the model has a full converter and the file holds its heads, otherwise the
-ImageNet backbone alone (torchvision vgg16 / vgg16_bn / resnet50 / resnet101).
+ImageNet backbone alone (torchvision vgg16 / vgg16_bn / resnet50 / resnet101,
+Hugging Face nvidia/mit-b*).
 `write_checkpoint` saves it where `config.init_from` finds it; the trainer
 then takes every tensor the checkpoint has and initialises the rest.
 `vgg16_into` / `resnet_into` put converted torchvision ImageNet backbones
 into a model's variables (the registry models with such a backbone are
-VGG_BACKBONES and RESNET_BACKBONES).
+VGG_BACKBONES and RESNET_BACKBONES); `mit_into` puts Hugging Face's MiT
+encoders (nvidia/mit-b*) into the SegFormer models (MIT_BACKBONES);
+`vit_into` puts timm's ViTs (vit_base/large_patch16_384) into the SETR models
+(VIT_BACKBONES).
 """
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -85,7 +90,10 @@ def init_checkpoint(model: str, state_dict: Mapping[str, Any], num_classes: int,
     only the backbone subtree (the trainer initialises the heads).
   """
   model_kwargs = dict(model_kwargs or {})
-  whole = model in convert.CONVERTERS and any(k.startswith("classifier.")
+  # A whole-model checkpoint carries the model's head; without it, the
+  # file is an ImageNet (or encoder-only) checkpoint of the backbone.
+  head = HEAD_PREFIXES.get(model, "classifier.")
+  whole = model in convert.CONVERTERS and any(k.startswith(head)
                                               for k in state_dict)
   if whole:
     return convert.from_torch(model, state_dict, num_classes=num_classes, **model_kwargs)
@@ -93,10 +101,16 @@ def init_checkpoint(model: str, state_dict: Mapping[str, Any], num_classes: int,
     into, path = resnet_into, RESNET_BACKBONES[model]
   elif model in VGG_BACKBONES:
     into, path = vgg16_into, VGG_BACKBONES[model][1]
+  elif model in MIT_BACKBONES:
+    into, path = mit_into, ("backbone",)
+  elif model in VIT_BACKBONES:
+    into, path = vit_into, VIT_BACKBONES[model]
   else:
+    backbones = (set(RESNET_BACKBONES) | set(VGG_BACKBONES) | set(MIT_BACKBONES)
+                 | set(VIT_BACKBONES))
     raise ConfigError(
         f"segjax convert: no PyTorch weights map onto {model!r}; models with an "
-        f"ImageNet backbone: {', '.join(sorted(set(RESNET_BACKBONES) | set(VGG_BACKBONES)))}")
+        f"ImageNet backbone: {', '.join(sorted(backbones))}")
   module = models.build(model, num_classes=num_classes, **model_kwargs)
   # Shapes are all the backbone converters need: nothing is computed.
   shapes = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
@@ -294,3 +308,101 @@ def resnet_into(name: str, variables: Mapping[str, Any],
   return _replace_subtree(f"resnet_into: {name!r}", variables,
                           convert.from_torch(converter, state_dict), path, converter,
                           "the default width (64)")
+
+
+# Hugging Face's MiT encoders (nvidia/mit-b0 ... mit-b5) in the SegFormer
+# models: model -> converter. Their whole-model checkpoints
+# (SegformerForSemanticSegmentation) are told apart by the decoder's keys;
+# an ImageNet SegformerForImageClassification has a "classifier.*" too.
+MIT_BACKBONES = {f"segformer_b{i}": f"mit_b{i}" for i in range(6)}
+HEAD_PREFIXES = {name: "decode_head." for name in MIT_BACKBONES}
+
+
+def mit_into(name: str, variables: Mapping[str, Any],
+             state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """Initialises a SegFormer's encoder from Hugging Face MiT weights.
+
+    model = models.build("segformer_b2", num_classes=150)
+    variables = model.init(rng, images)
+    variables = weights.mit_into("segformer_b2", variables,
+                                 weights.load_state_dict("mit-b2/model.safetensors"))
+
+  Args:
+    name: a key of MIT_BACKBONES.
+    variables: the model's variables (e.g. from init, or eval_shape).
+    state_dict: nvidia/mit-b* (SegformerForImageClassification, its
+      ImageNet classifier dropped) or SegformerModel state dict, of the
+      model's size.
+
+  Returns:
+    A copy of `variables` with params["backbone"] replaced by the converted
+    weights; the decoder keeps its values.
+
+  Raises:
+    ConfigError: for a model without a MiT encoder.
+    CheckpointError: if the state dict is not a MiT of the model's size.
+  """
+  if name not in MIT_BACKBONES:
+    raise ConfigError(f"mit_into: {name!r} has no MiT encoder; valid: "
+                      f"{', '.join(sorted(MIT_BACKBONES))}.")
+  converter = MIT_BACKBONES[name]
+  return _replace_subtree(f"mit_into: {name!r}", variables,
+                          convert.from_torch(converter, state_dict), ("backbone",),
+                          converter, "the paper's sizes (the defaults)")
+
+
+# Where timm's ViT weights go in the SETR models: model -> path of their
+# backbones.vit.ViT subtree.
+VIT_BACKBONES = {"setr_naive": ("backbone",), "setr_pup": ("backbone",),
+                 "setr_mla": ("backbone",)}
+
+
+def vit_into(name: str, variables: Mapping[str, Any],
+             state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """Initialises a SETR's ViT encoder from timm weights.
+
+    model = models.build("setr_pup", num_classes=150)  # ViT-L
+    variables = model.init(rng, images)
+    variables = weights.vit_into(
+        "setr_pup", variables,
+        timm.create_model("vit_large_patch16_384", pretrained=True).state_dict())
+
+  The ImageNet head is dropped; so are the class token and its position
+  embedding when the model runs without one (SETR-MLA), and the final
+  LayerNorm when the model does not apply it (SETR's default). The
+  position embeddings keep the checkpoint's grid (24 x 24 for the 384-pixel
+  models), which the model must have been built with (`pretrain_grid`);
+  the model resizes them to each input's grid.
+
+  Args:
+    name: a key of VIT_BACKBONES.
+    variables: the model's variables (e.g. from init, or eval_shape).
+    state_dict: a timm VisionTransformer state dict (patch 16) of the
+      model's width and depth.
+
+  Returns:
+    A copy of `variables` with the backbone's params replaced by the
+    converted weights (float32); the decoder keeps its values.
+
+  Raises:
+    ConfigError: for a model without a ViT encoder.
+    CheckpointError: if the state dict and the model's encoder differ.
+  """
+  if name not in VIT_BACKBONES:
+    raise ConfigError(f"vit_into: {name!r} has no ViT encoder; valid: "
+                      f"{', '.join(sorted(VIT_BACKBONES))}.")
+  path = VIT_BACKBONES[name]
+  backbone = convert.tree_lookup(variables.get("params", {}), path)
+  if backbone is None or "pos_embed" not in backbone:
+    raise CheckpointError(f"vit_into: the variables have no params/"
+                          f"{'/'.join(path)}/pos_embed; pass {name!r}'s variables.")
+  width = backbone["pos_embed"].shape[-1]
+  depth = sum(1 for key in backbone if key.startswith("blocks_"))
+  # The table is the same for every size; the name only picks defaults.
+  # Heads change no param's shape, so one head fits any width.
+  converter = "vit_large_patch16_384" if width == 1024 else "vit_base_patch16_384"
+  converted = convert.from_torch(
+      converter, state_dict, width=width, depth=depth, num_heads=1,
+      class_token="cls_token" in backbone, final_norm="norm" in backbone)
+  return _replace_subtree(f"vit_into: {name!r}", variables, converted, path,
+                          converter, "pretrain_grid set to the checkpoint's grid")

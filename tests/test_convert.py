@@ -46,9 +46,12 @@ def _numpy_state(variables, rows):
       value = np.asarray(tree[leaf])
       if kind == "conv" and leaf == "kernel":
         value = value.transpose(3, 2, 0, 1)
+      if kind == "linear" and leaf == "kernel":
+        value = value.T
       if kind.startswith("fc_as_conv") and leaf == "kernel":
         value = value.transpose(3, 2, 0, 1).reshape(value.shape[3], -1)
-      state[f"{torch_module}.{suffix}"] = value
+      # Raw-tensor kinds (a ViT's cls_token) have no suffix.
+      state[f"{torch_module}.{suffix}" if suffix else torch_module] = value
   return state
 
 
@@ -74,13 +77,22 @@ def vgg_bn_state():
 
 
 # Converter options that keep the round trip small (fc6 is 25088 x 4096).
-CONVERTER_KWARGS = {"vgg16_fc": dict(fc_width=16)}
+CONVERTER_KWARGS = {"vgg16_fc": dict(fc_width=16),
+                    **{f"vit_{size}_patch16_384": dict(width=32, depth=2,
+                                                       num_heads=2)
+                       for size in ("base", "large")}}
+# SegFormer / MiT: every size's depths at narrow widths; no aux head.
+_NARROW = dict(hidden_sizes=(8, 16, 16, 16), num_heads=(1, 2, 2, 2))
+CONVERTER_KWARGS.update({f"mit_b{i}": _NARROW for i in range(6)})
+CONVERTER_KWARGS.update({f"segformer_b{i}": dict(_NARROW, num_classes=3,
+                                                 decoder_width=16)
+                         for i in range(6)})
 
 
 @pytest.mark.parametrize("name", convert.available())
 def test_round_trip_every_converter(name):
   kwargs = dict(CONVERTER_KWARGS.get(name, {}))
-  if name in models.MODELS:
+  if name in models.MODELS and name not in CONVERTER_KWARGS:
     kwargs = dict(num_classes=3, aux=True)
   variables, state = _random_state(name, **kwargs)
   # BatchNorm counters are skipped, not reported as unexpected.

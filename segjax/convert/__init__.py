@@ -37,6 +37,8 @@ torch is never imported unless a value is a torch tensor.
 from typing import Any, Callable, Dict, Mapping
 
 from segjax.convert import engine
+from segjax.convert import huggingface
+from segjax.convert import timm
 from segjax.convert import torchvision
 from segjax.convert.engine import (KINDS, Conversion, Row, apply_mapping,
                                    tree_lookup, tree_set)
@@ -47,6 +49,8 @@ __all__ = ["CONVERTERS", "KINDS", "Conversion", "Row", "apply_mapping",
 
 CONVERTERS: Dict[str, Callable[..., Conversion]] = {
     **torchvision.TORCHVISION,
+    **huggingface.HUGGINGFACE,
+    **timm.TIMM,
 }
 
 

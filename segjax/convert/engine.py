@@ -40,6 +40,11 @@ def _fc_as_conv(k):
 
 KINDS["fc_as_conv7"] = _fc_as_conv(7)
 KINDS["fc_as_conv1"] = _fc_as_conv(1)
+# Raw tensors that are parameters themselves, not a module's (a ViT's class
+# token [1, 1, C] and position embeddings [1, 1 + h*w, C]): the row's
+# torch_module is the key (empty suffix), the leaf the flax param's name.
+KINDS["cls_token"] = [("params", "cls_token", "", lambda t: t, True)]
+KINDS["pos_embed"] = [("params", "pos_embed", "", lambda t: t, True)]
 # Inverse layouts, to report expected shapes in PyTorch's layout.
 _TORCH_SHAPE = {
     ("conv", "kernel"): lambda s: (s[3], s[2], s[0], s[1]),
@@ -161,7 +166,7 @@ def apply_mapping(rows: Sequence[Row], state: Mapping[str, np.ndarray],
           raise AssertionError(f"mapping bug: {what} has no "
                                f"{collection}/{'/'.join(flax_path)}/{leaf}")
         continue
-      key = f"{torch_module}.{suffix}"
+      key = f"{torch_module}.{suffix}" if suffix else torch_module
       if key not in state:
         missing.append(key)
         continue

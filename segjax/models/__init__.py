@@ -24,7 +24,9 @@ from segjax.models import deeplab
 from segjax.models import deeplab_resnet
 from segjax.models import fcn
 from segjax.models import parsenet
+from segjax.models import segformer
 from segjax.models import segnet
+from segjax.models import setr
 from segjax.models import torchvision_seg
 from segjax.models import unet
 from segjax.models import unet3p
@@ -48,6 +50,15 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "deeplab_v3": deeplab_resnet.DeepLabV3,
     "deeplab_v3_plus": deeplab_resnet.DeepLabV3Plus,
     "parsenet": parsenet.ParseNet,
+    "setr_naive": setr.SETRNaive,
+    "setr_pup": setr.SETRPUP,
+    "setr_mla": setr.SETRMLA,
+    "segformer_b0": segformer.SegFormerB0,
+    "segformer_b1": segformer.SegFormerB1,
+    "segformer_b2": segformer.SegFormerB2,
+    "segformer_b3": segformer.SegFormerB3,
+    "segformer_b4": segformer.SegFormerB4,
+    "segformer_b5": segformer.SegFormerB5,
 }
 
 
@@ -96,4 +107,14 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
     except TypeError as e:
       raise ConfigError(f"model {name!r}: dtype={kwargs['dtype']!r} is not a "
                         "dtype; use e.g. 'float32' or 'bfloat16'.") from e
+  # Configs read back from config.json hold lists where the file had tuples;
+  # modules are static jit arguments, so their options must be hashable.
+  kwargs = {k: _hashable(v) for k, v in kwargs.items()}
   return constructor(num_classes=num_classes, **kwargs)
+
+
+def _hashable(value):
+  """Lists (nested too) -> tuples."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_hashable(v) for v in value)
+  return value

@@ -46,6 +46,20 @@ MODEL_KWARGS = {
     "deeplab_v3_plus": dict(stage_sizes=(1, 1, 1, 1), width=4,
                             multi_grid=None, aspp_channels=8,
                             low_level_channels=4, decoder_channels=8),
+    # SegFormer's six sizes are one module (test_segformer.py runs 4 stages):
+    # two stages for b0, one for b1..b5, as XLA:CPU compiles ~4 s per stage.
+    "segformer_b0": dict(hidden_sizes=(8, 16), depths=(1, 1), num_heads=(1, 2),
+                         sr_ratios=(2, 1), mlp_ratios=(4, 4),
+                         patch_sizes=(7, 3), strides=(4, 2), decoder_width=16),
+    **{f"segformer_b{i}": dict(hidden_sizes=(8,), depths=(1,), num_heads=(1,),
+                               sr_ratios=(2,), mlp_ratios=(4,), patch_sizes=(7,),
+                               strides=(4,), decoder_width=16)
+       for i in range(1, 6)},
+    # ViT width 32, 4 blocks, a 4 x 4 stored position grid (resized to the
+    # inputs' 4 x 4 and 5 x 4 grids; 66 x 50 pads to 80 x 64).
+    **{name: dict(width=32, depth=4, num_heads=2, pretrain_grid=(4, 4),
+                  channels=8, mla_head_channels=8)
+       for name in ("setr_naive", "setr_pup", "setr_mla")},
 }
 NUM_CLASSES = 3
 BATCH = 2
@@ -134,3 +148,10 @@ def test_build_rejects_unknown_name_and_option():
   name = models.available()[0]
   with pytest.raises(ConfigError, match="no option"):
     models.build(name, NUM_CLASSES, no_such_option=1)
+
+
+def test_list_options_from_a_json_config_become_hashable_tuples():
+  # config.json turns tuples into lists; the module is a static jit argument.
+  model = models.build("deeplab_v3", num_classes=3, multi_grid=[1, 2, 4])
+  assert model.multi_grid == (1, 2, 4)
+  hash(model)
