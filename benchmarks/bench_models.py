@@ -15,6 +15,7 @@ library is importable, it is timed in the same run and the ratio printed.
 --flops-only skips the timing (what XLA counts needs only compilation).
 """
 import argparse
+import ast
 import json
 import sys
 
@@ -73,9 +74,23 @@ TORCH_ORIGINALS = {
 }
 
 
-def bench_model(name, args):
+def parse_spec(spec):
+  """"setr_pup:size=base" -> ("setr_pup", {"size": "base"}): model options."""
+  name, *options = spec.split(":")
+  kwargs = {}
+  for option in options:
+    key, _, text = option.partition("=")
+    try:
+      kwargs[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      kwargs[key] = text
+  return name, kwargs
+
+
+def bench_model(spec, args):
   """One row: the model's size, FLOPs and timings."""
-  model = models.build(name, args.classes, dtype=getattr(jnp, args.dtype))
+  name, options = parse_spec(spec)
+  model = models.build(name, args.classes, dtype=getattr(jnp, args.dtype), **options)
   opt = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.01, schedule="constant", warmup_steps=0,
       weight_decay=0.0, momentum=0.9, grad_clip_norm=0.0))
@@ -95,7 +110,7 @@ def bench_model(name, args):
                                            loss_fn=losses.make_loss("cross_entropy"))
   key = jax.random.PRNGKey(1)
   train_c, train_compile, train_gflops = compile_jax(train, state, batch, key)
-  row = dict(model=name, params_m=params / 1e6, infer_gflops=infer_gflops,
+  row = dict(model=spec, params_m=params / 1e6, infer_gflops=infer_gflops,
              train_gflops=train_gflops, compile_s=infer_compile + train_compile)
   if args.flops_only:
     return row
@@ -112,7 +127,8 @@ def bench_model(name, args):
   row.update(infer_images_per_sec=args.batch / infer_s, train_images_per_sec=args.batch / train_s,
              train_step_s=train_s, peak_memory_mb=peak_memory_mb()[0],
              mfu=train_gflops * 1e9 / train_s / peak if peak else None)
-  torch_s = bench_torch(name, args)
+  # The PyTorch originals are built with their default options only.
+  torch_s = None if options else bench_torch(name, args)
   if torch_s:
     row["torch_train_step_s"] = torch_s
     row["torch_ratio"] = torch_s / train_s
@@ -158,6 +174,7 @@ COLUMNS = ("model", "params_m", "infer_gflops", "train_gflops", "compile_s",
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default=",".join(models.available()),
+                      # name:key=value sets a model option, e.g. setr_pup:size=base
                       help="comma-separated registry names (default: all)")
   parser.add_argument("--size", type=int, default=512)
   parser.add_argument("--batch", type=int, default=8)

@@ -10,6 +10,9 @@ torchvision's resnet101 with `segjax convert`.
 The dataset's trainer settings (crop, schedule, batch, evaluation) are
 segjax.config.base_config("voc"); this file states the model and what
 it changes.
+
+Paper's figure: 77.21 % val mIoU with output stride 8 at inference,
+multi-scale inputs and flips, ImageNet-only initialisation (Chen et al. 2017).
 """
 import ml_collections
 

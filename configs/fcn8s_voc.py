@@ -11,6 +11,9 @@ initialised upsampling. Initialise from torchvision's ImageNet vgg16
 The dataset's trainer settings (crop, schedule, batch, evaluation) are
 segjax.config.base_config("voc"); this file states the model and what
 it changes.
+
+Paper's figure: 62.2 % mIoU on the VOC 2012 test set (Long et al. 2015,
+Table 3); this config trains with the common 40k-step SGD benchmark schedule.
 """
 import ml_collections
 

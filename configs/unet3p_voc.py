@@ -9,6 +9,8 @@ The classification-guided module needs image-level labels and is off.
 The dataset's trainer settings (crop, schedule, batch, evaluation) are
 segjax.config.base_config("voc"); this file states the model and what
 it changes.
+
+Paper's figure: none on VOC; the UNet 3+ paper reports medical datasets only.
 """
 import ml_collections
 

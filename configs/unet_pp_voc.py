@@ -9,6 +9,8 @@ model_kwargs.prune_level for the faster pruned network.
 The dataset's trainer settings (crop, schedule, batch, evaluation) are
 segjax.config.base_config("voc"); this file states the model and what
 it changes.
+
+Paper's figure: none on VOC; the UNet++ paper reports medical datasets only.
 """
 import ml_collections
 
