@@ -81,8 +81,10 @@ CONVERTER_KWARGS = {"vgg16_fc": dict(fc_width=16),
                     **{f"vit_{size}_patch16_384": dict(width=32, depth=2,
                                                        num_heads=2)
                        for size in ("base", "large")}}
-# SegFormer / MiT: every size's depths at narrow widths; no aux head.
-_NARROW = dict(hidden_sizes=(8, 16, 16, 16), num_heads=(1, 2, 2, 2))
+# SegFormer / MiT: narrow and shallow (B1..B5 differ from B0 in sizes only;
+# tracing B5's 52 blocks twice costs seconds); no aux head.
+_NARROW = dict(hidden_sizes=(8, 16, 16, 16), num_heads=(1, 2, 2, 2),
+               depths=(1, 2, 1, 1))
 CONVERTER_KWARGS.update({f"mit_b{i}": _NARROW for i in range(6)})
 CONVERTER_KWARGS.update({f"segformer_b{i}": dict(_NARROW, num_classes=3,
                                                  decoder_width=16)

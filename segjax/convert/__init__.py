@@ -73,7 +73,9 @@ def from_torch(name: str, state_dict: Mapping[str, Any],
       backbones.vgg.VGG variables); "vgg16_fc" (the whole vgg16() state
       dict, fc6/fc7 as convs, ImageNet fc8 dropped -> fcn.VGGFC variables,
       FCN's params["backbone"]). To initialise a VGG-based registry model
-      from them, see `segjax.weights.vgg16_into`.
+      from them, see `segjax.weights.vgg16_into`. "segformer_b0".."b5" /
+      "mit_b0".."b5": Hugging Face SegFormer / MiT state dicts, see
+      segjax.convert.huggingface.
     state_dict: str -> numpy array or torch tensor.
     **kwargs: model options. Segmentation models: num_classes (default: read
       from the checkpoint's final conv), aux (default: whether the checkpoint

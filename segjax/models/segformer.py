@@ -24,10 +24,11 @@ into Linear_i and applied *before* the upsampling:
 
   y = sum_i upsample(c_i @ (P_i F_i) + b_i F_i)
 
-This moves the fuse conv (4D x D channels at 1/4 resolution, half of B0's
-FLOPs at 512 x 512) down to each stage's own resolution and C_i channels.
-The params are the same; "concat" runs HF's order of operations and is the
-reference the fast form is tested against.
+This moves the fuse conv (4D x D channels at 1/4 resolution) down to each
+stage's own resolution and C_i channels: at 512 x 512 with 150 classes XLA
+counts 9.2 instead of 17.7 GFLOPs per image for B0, 51.4 instead of 127.4
+for B2. The params are the same; "concat" runs HF's order of operations and
+is the reference the fast form is tested against.
 
 Top-level params: "backbone" (MixTransformer) and "decode_head", so a
 config's `optimizer.lr_mult = {"decode_head": 10.0}` gives the paper's 10x
@@ -52,6 +53,8 @@ Dtype = Any
 DECODER_WIDTHS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768,
                   "b5": 768}
 DECODER_IMPLS = ("fast", "concat")
+# The original's Linear init, as in the encoder.
+_dense_init = nn.initializers.truncated_normal(0.02)
 
 
 class _LinearParams(nn.Module):
@@ -102,7 +105,7 @@ class AllMLPHead(nn.Module):
     n_stages, d = len(features), self.width
     size = features[0].shape[1:3]
     projections = [
-        _LinearParams((x.shape[-1], d), kernel_init=mit._dense_init,
+        _LinearParams((x.shape[-1], d), kernel_init=_dense_init,
                       name=f"linear_c{i}")()
         for i, x in enumerate(features)]
     fuse, _ = _LinearParams((1, 1, n_stages * d, d), use_bias=False,

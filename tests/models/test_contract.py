@@ -46,14 +46,17 @@ MODEL_KWARGS = {
     "deeplab_v3_plus": dict(stage_sizes=(1, 1, 1, 1), width=4,
                             multi_grid=None, aspp_channels=8,
                             low_level_channels=4, decoder_channels=8),
-    # SegFormer's six sizes are one module (test_segformer.py runs 4 stages):
-    # two stages for b0, one for b1..b5, as XLA:CPU compiles ~4 s per stage.
+    # SegFormer's six sizes are one module (test_segformer.py runs 4 stages).
+    # XLA:CPU compiles ~4 s per stage: b0 has two stages and every layer
+    # type; b1..b5 the cheapest model (one stage, no spatial reduction, no
+    # dropout or stochastic depth, the grouped-conv form of the dwconv).
     "segformer_b0": dict(hidden_sizes=(8, 16), depths=(1, 1), num_heads=(1, 2),
                          sr_ratios=(2, 1), mlp_ratios=(4, 4),
                          patch_sizes=(7, 3), strides=(4, 2), decoder_width=16),
     **{f"segformer_b{i}": dict(hidden_sizes=(8,), depths=(1,), num_heads=(1,),
-                               sr_ratios=(2,), mlp_ratios=(4,), patch_sizes=(7,),
-                               strides=(4,), decoder_width=16)
+                               sr_ratios=(1,), mlp_ratios=(4,), patch_sizes=(7,),
+                               strides=(4,), decoder_width=16, dropout=0.0,
+                               drop_path_rate=0.0, dwconv_impl="xla")
        for i in range(1, 6)},
     # ViT width 32, 4 blocks, a 4 x 4 stored position grid (resized to the
     # inputs' 4 x 4 and 5 x 4 grids; 66 x 50 pads to 80 x 64).

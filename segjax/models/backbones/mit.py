@@ -1,7 +1,7 @@
 """Mix Transformer (MiT, Xie et al. 2021): SegFormer's hierarchical encoder.
 
-Four stages; each starts with an *overlapping* patch embedding (a strided conv
-whose window is larger than its stride, padded by kernel // 2, then
+Four stages; each starts with an *overlapping* patch embedding (a strided
+conv whose window is larger than its stride, padded by kernel // 2, then
 LayerNorm) and stacks pre-norm transformer blocks:
 
   x = x + DropPath(EfficientSelfAttention(LayerNorm(x)))
@@ -43,7 +43,7 @@ from segjax.models.attention import (IMPLEMENTATIONS, DropPath, attention,
 Array = jax.Array
 Dtype = Any
 
-# The paper's encoders (Table 6 / Appendix): widths and blocks per stage.
+# The paper's encoders MiT-B0..B5: widths and blocks per stage.
 SIZES = {
     "b0": dict(hidden_sizes=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
     "b1": dict(hidden_sizes=(64, 128, 320, 512), depths=(2, 2, 2, 2)),
@@ -321,9 +321,9 @@ class MixTransformer(nn.Module):
 
     Returns:
       {"c2": [N, H1, W1, hidden_sizes[0]], "c3", "c4", "c5"} (one per
-      stage, in this order) in `dtype`,
-      where H1 = (H - 1) // 4 + 1 for the default 7x7/4 patch embedding and
-      each later stage is (H_prev - 1) // 2 + 1 (PyTorch's sizes).
+      stage, in this order) in `dtype`, where H1 = (H - 1) // 4 + 1 for the
+      default 7x7/4 patch embedding and each later stage has
+      (H_prev - 1) // 2 + 1 rows (PyTorch's sizes).
     """
     rates = drop_path_rates(self.drop_path_rate, self.depths)
     x = images.astype(self.dtype)
