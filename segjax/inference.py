@@ -103,14 +103,20 @@ class Segmenter:
     b = self.options.bucket
     return math.ceil(height / b) * b, math.ceil(width / b) * b
 
+  def _place(self, image, fill=0):
+    """image [H, W, ...] -> ([1, *canvas, ...] with the image top-left and
+    `fill` elsewhere, its size int32 [2])."""
+    height, width = image.shape[:2]
+    canvas = np.full((1, *self.canvas_shape(height, width), *image.shape[2:]), fill,
+                     image.dtype)
+    canvas[0, :height, :width] = image
+    return canvas, np.array([height, width], np.int32)
+
   def __call__(self, variables, image) -> Tuple[np.ndarray, np.ndarray]:
     """Labels int32 [H, W] and probabilities float32 [H, W, K] of one
     normalised image float32 [H, W, 3]."""
     height, width = image.shape[:2]
-    ch, cw = self.canvas_shape(height, width)
-    canvas = np.zeros((1, ch, cw, image.shape[2]), np.float32)
-    canvas[0, :height, :width] = image
-    probs = self._run(variables, canvas, np.array([height, width], np.int32))
+    probs = self._run(variables, *self._place(np.asarray(image, np.float32)))
     probs = probs[0, :height, :width]
     return np.asarray(jnp.argmax(probs, axis=-1), np.int32), np.asarray(probs)
 
@@ -118,14 +124,10 @@ class Segmenter:
                 ignore_index: int = 255) -> np.ndarray:
     """Confusion matrix int32 [K, K] (rows ground truth) of one normalised
     image float32 [H, W, 3] against its label int [H, W], at its resolution."""
-    height, width = image.shape[:2]
-    ch, cw = self.canvas_shape(height, width)
-    canvas = np.zeros((1, ch, cw, image.shape[2]), np.float32)
-    canvas[0, :height, :width] = image
-    labels = np.full((1, ch, cw), ignore_index, np.int32)
-    labels[0, :height, :width] = label
-    return np.asarray(self._confusion(variables, canvas, np.array([height, width], np.int32),
-                                      labels, num_classes, ignore_index))
+    canvas, valid = self._place(np.asarray(image, np.float32))
+    labels, _ = self._place(np.asarray(label, np.int32), fill=ignore_index)
+    return np.asarray(self._confusion(variables, canvas, valid, labels, num_classes,
+                                      ignore_index))
 
   # --- traced --------------------------------------------------------------
   def _canvas_confusion(self, variables, canvas, valid, labels, num_classes, ignore_index):

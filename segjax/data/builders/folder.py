@@ -23,7 +23,7 @@ import os
 import tensorflow_datasets as tfds
 
 from segjax import errors
-from segjax.data.builders import manual
+from segjax.data.builders import manual, sources
 
 PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -59,21 +59,13 @@ class SegmentationFolder(manual.ManualBuilder):
 
 
 def _example(paths):
-  image_path, label_path = paths
-  image, image_hw = manual.rgb_image(_bytes(image_path), image_path)
-  label = manual.label_map(_bytes(label_path), label_path)
-  manual.check_size(label, image_hw, label_path)
+  source, image_path, label_path = paths
+  image, image_hw = manual.rgb_image(manual.read(source, image_path),
+                                     source.where(image_path))
+  label = manual.label_map(manual.read(source, label_path), source.where(label_path))
+  manual.check_size(label, image_hw, source.where(label_path))
   return {"image": image, "segmentation_mask": label[..., None],
           "file_name": os.path.basename(image_path)}
-
-
-def _bytes(path):
-  try:
-    with open(path, "rb") as f:
-      return f.read()
-  except FileNotFoundError as e:
-    raise manual.BadExample(f"missing file {path!r}: every image needs a label "
-                            "PNG of the same name") from e
 
 
 def _splits(root):
@@ -90,15 +82,16 @@ def _splits(root):
 
 
 def _pairs(root, split):
-  """(name, (image path, label path)) of every image of a split, by name."""
-  image_dir = os.path.join(root, "images", split)
+  """(name, (source, image path, label path)) of every image of a split, by
+  name; paths relative to the folder."""
+  source = sources.FolderSource(root)
   pairs = []
-  for name in sorted(os.listdir(image_dir)):
+  for name in sorted(os.listdir(os.path.join(root, "images", split))):
     stem, ext = os.path.splitext(name)
     if ext.lower() not in IMAGE_EXTENSIONS:
       continue
-    label = os.path.join(root, "labels", split, stem + ".png")
-    pairs.append((name, (os.path.join(image_dir, name), label)))
+    pairs.append((name, (source, f"images/{split}/{name}",
+                         f"labels/{split}/{stem}.png")))
   return pairs
 
 

@@ -12,6 +12,7 @@ Only archives with random access are read in place: .zip, and .tar without
 compression (VOC's). A compressed tarball (.tgz) must be extracted first,
 since reading one member means decompressing everything before it.
 """
+import abc
 import dataclasses
 import posixpath
 import tarfile
@@ -22,25 +23,30 @@ from etils import epath
 from segjax import errors
 
 
-class Source:
+class Source(abc.ABC):
   """Read-only files below one root; paths are relative, '/'-separated."""
 
+  @abc.abstractmethod
   def exists(self, path: str) -> bool:
     raise NotImplementedError
 
+  @abc.abstractmethod
   def read(self, path: str) -> bytes:
     """The file's bytes; FileNotFoundError if there is no such file."""
     raise NotImplementedError
 
+  @abc.abstractmethod
   def files(self, folder: str, suffix: str = "") -> list[str]:
     """Sorted paths of every file below `folder` (recursively) ending with
     `suffix`; empty if the folder does not exist."""
     raise NotImplementedError
 
+  @abc.abstractmethod
   def has_folder(self, folder: str) -> bool:
     """Whether `folder` exists and is not empty."""
     raise NotImplementedError
 
+  @abc.abstractmethod
   def where(self, path: str = "") -> str:
     """Where `path` lives, for messages: a full path or archive:member."""
     raise NotImplementedError
@@ -100,6 +106,7 @@ class _ArchiveSource(Source):
       raise FileNotFoundError(self.where(path))
     return self._read_member(self._members[path])
 
+  @abc.abstractmethod
   def _read_member(self, info) -> bytes:
     raise NotImplementedError
 
