@@ -160,6 +160,11 @@ def validate(config):
   _check(config.optimizer.schedule in ("constant", "poly", "cosine"),
          f"optimizer.schedule is {config.optimizer.schedule!r}; use 'constant', "
          "'poly' or 'cosine'")
+  policy = config.train.get("nan_policy", "stop")
+  _check(policy in ("stop", "skip"),
+         f"train.nan_policy is {policy!r}; use 'stop' or 'skip'")
+  _check(config.train.get("max_nonfinite_steps", 0) >= 0,
+         "train.max_nonfinite_steps must be >= 0")
   for key in ("eval.every_steps", "checkpoint.every_steps", "train.log_every_steps"):
     parent, name = _parent(config, key)
     _check(parent[name] >= 1, f"{key} must be >= 1")
@@ -247,7 +252,10 @@ def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       # Shards the training split is read in (0: one per process). A fixed
       # number makes the batch sequence the same on any number of hosts.
-      num_shards=0, shuffle_buffer=2048, prefetch=2))
+      num_shards=0, shuffle_buffer=2048, prefetch=2,
+      # Preparing a downloaded or folder dataset: leave out (and count)
+      # corrupt or inconsistent examples instead of stopping at the first.
+      skip_bad_examples=False))
   c.loss = ml_collections.ConfigDict(dict(name="cross_entropy", kwargs={}))
   c.train = ml_collections.ConfigDict(dict(nan_policy="stop", max_nonfinite_steps=10,
                                            **d["train"]))

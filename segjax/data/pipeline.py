@@ -48,6 +48,14 @@ def semantic_example(example):
   return {"image": example["image"], "label": tf.cast(label, tf.int32)}
 
 
+def _builder(config):
+  """The config's prepared dataset; `data.skip_bad_examples` applies while it
+  is first prepared from a manual download or a folder."""
+  skip = bool(config.data.get("skip_bad_examples", False))
+  return load_builder(config.dataset, config.data_dir,
+                      **({"skip_bad_examples": True} if skip else {}))
+
+
 def _num_examples(builder, split):
   try:
     return builder.info.splits[split].num_examples
@@ -79,7 +87,7 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
         f"data.num_shards={num_shards} must be a multiple of the number of "
         f"processes ({count}) and divide train.batch_size={batch}")
   per_shard = batch // num_shards
-  builder = load_builder(config.dataset, config.data_dir)
+  builder = _builder(config)
   shards_per_host = num_shards // count
   host_shards = range(index * shards_per_host, (index + 1) * shards_per_host)
   splits = tfds.even_splits(split, n=num_shards, drop_remainder=False)
@@ -158,7 +166,7 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
   """
   index, count = _process(process_index, process_count)
   split = split or config.eval.split
-  builder = load_builder(config.dataset, config.data_dir)
+  builder = _builder(config)
   host_splits = tfds.even_splits(split, n=count, drop_remainder=False)
   sizes = [_num_examples(builder, s) for s in host_splits]
   if sum(sizes) == 0:
@@ -202,7 +210,7 @@ def eval_examples(config, split=None, process_index=None, process_count=None):
   """
   index, count = _process(process_index, process_count)
   split = split or config.eval.split
-  builder = load_builder(config.dataset, config.data_dir)
+  builder = _builder(config)
   if _num_examples(builder, split) == 0:
     raise DataError(f"evaluation split {split!r} of {builder.name} is empty; "
                     "check the dataset files or set eval.split")

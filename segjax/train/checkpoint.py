@@ -5,10 +5,13 @@ Each checkpoint is `<workdir>/checkpoints/<step>/` with one item, `state`
 directory and renames it when complete, so a run killed mid-write leaves the
 previous checkpoints untouched; `keep` old steps are deleted only after a
 newer one is finalised. Restoring walks back from the newest step past any
-checkpoint that cannot be read, naming it, and never deletes it.
+checkpoint that cannot be read, naming it, and never deletes it: training
+moves it to <workdir>/corrupt_checkpoints/ (so the step can be written
+afresh), evaluation leaves it where it is.
 """
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -56,13 +59,16 @@ class Checkpoints:
     return self.manager.save(step, args=ocp.args.Composite(
         **{ITEM: ocp.args.StandardSave(tree)}), force=force)
 
-  def restore(self, target, step=None):
+  def restore(self, target, step=None, set_aside=False):
     """Restores the newest readable checkpoint (or exactly `step`).
 
     Args:
       target: pytree of arrays or jax.ShapeDtypeStruct giving the structure,
         shapes, dtypes and shardings to restore into.
       step: a specific step, or None for the newest one that can be read.
+      set_aside: move each unreadable checkpoint passed over to
+        <workdir>/corrupt_checkpoints/ (training does, so that it can save
+        that step again); otherwise it stays in place.
 
     Returns:
       (restored tree, step), or (None, None) when there is no checkpoint.
@@ -79,8 +85,9 @@ class Checkpoints:
       except CheckpointError as e:
         if _is_mismatch(e):
           raise
+        where = self._set_aside(candidate) if set_aside else "left in place"
         logging.warning("%s; falling back to the previous checkpoint. The bad "
-                        "one is left in place for inspection.", e)
+                        "one is %s for inspection.", e, where)
     if steps:
       raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} "
                             "could be read; move the directory away to start "
@@ -109,6 +116,29 @@ class Checkpoints:
       raise CheckpointError(f"checkpoint {path} is unreadable or corrupt "
                             f"({type(e).__name__}: {str(e)[:200]})") from e
     return restored[ITEM]
+
+  def _set_aside(self, step):
+    """Moves checkpoint `step` out of the managed directory; says where to.
+
+    Every process reads the same shared directory: process 0 moves, the
+    others wait for it, then all re-list their steps so that they agree on
+    which steps exist (saving is collective).
+    """
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints",
+                          str(step))
+    suffix = 1
+    while os.path.exists(target if suffix == 1 else f"{target}.{suffix}"):
+      suffix += 1
+    target = target if suffix == 1 else f"{target}.{suffix}"
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(source, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"segjax set aside checkpoint {step}")
+    self.manager.reload()
+    return f"moved to {target}"
 
   def reached_preemption(self, step):
     """True on every host once a preemption notice has been agreed at `step`."""

@@ -42,9 +42,37 @@ class MetricsWriter:
             tf.summary.scalar(f"{split}/{key}", float(value))
       self._tb.flush()
 
+  def rewind(self, step):
+    """Drops the rows of steps after `step`, and a last line cut short by a kill.
+
+    The file is rewritten through a temporary file and a rename, so a kill
+    during the rewrite leaves either the old or the new file.
+    """
+    if not self.primary or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      text = f.read()
+    lines = text.split("\n")
+    partial = lines.pop()  # "" when the file ends with a newline.
+    kept = [line for line in lines if not line.strip() or _row_step(line) <= step]
+    if not partial and len(kept) == len(lines):
+      return
+    temporary = self.path + ".rewind"
+    with open(temporary, "w") as f:
+      f.write("".join(line + "\n" for line in kept))
+    os.replace(temporary, self.path)
+
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def _row_step(line):
+  """The step of one metrics.jsonl line; a line that is not a row is kept."""
+  try:
+    return int(json.loads(line).get("step", 0))
+  except (ValueError, AttributeError):
+    return 0
 
 
 def _jsonable(value):
@@ -62,17 +90,26 @@ class Progress:
     self.primary = primary
     self.stream = stream or sys.stdout
     self.start = time.time()
+    self._first = None  # (step, time) of the first line: the rate excludes compiling.
 
   def line(self, step, values):
     if not self.primary:
       return
-    elapsed = time.time() - self.start
+    now = time.time()
     parts = [f"step {step:>6d}/{self.total}"]
     for key, fmt in (("loss", ".4f"), ("learning_rate", ".2e"), ("images_per_sec", ".1f")):
       if key in values:
         parts.append(f"{key.replace('_per_sec', '/s').replace('learning_rate', 'lr')} "
                      f"{values[key]:{fmt}}")
-    parts.append(f"elapsed {_duration(elapsed)}")
+    if values.get("nonfinite_steps"):
+      parts.append(f"skipped {values['nonfinite_steps']}")
+    parts.append(f"elapsed {_duration(now - self.start)}")
+    if self._first is None:
+      self._first = (step, now)
+    elif step < self.total:
+      first_step, first_time = self._first
+      remaining = (now - first_time) / (step - first_step) * (self.total - step)
+      parts.append(f"eta {_duration(remaining)}")
     self.print(" | ".join(parts))
 
   def print(self, text):

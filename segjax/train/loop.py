@@ -53,11 +53,12 @@ class Trainer:
     self._eval_fn = None
 
   # --- state ---------------------------------------------------------------
-  def initial_state(self, step=None):
+  def initial_state(self, step=None, set_aside=False):
     """Fresh state (or `init_from` weights), then the newest checkpoint if any.
 
     Args:
       step: restore exactly this checkpoint step instead of the newest.
+      set_aside: move unreadable checkpoints out of the way (training).
 
     Returns:
       (device state, step it starts from).
@@ -72,7 +73,8 @@ class Trainer:
     target = host.to_dict()
     if self.par.mode == "jit":
       target = self.par.put_state(target)
-    restored, step = self.checkpoints.restore(target, step=step)
+    restored, step = self.checkpoints.restore(target, step=step,
+                                                set_aside=set_aside)
     if restored is None:
       return self.par.put_state(host), 0
     state = TrainState(**restored)
@@ -153,7 +155,18 @@ def train(config, workdir):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
   writer = MetricsWriter(workdir, trainer.primary)
-  state, start = trainer.initial_state()
+  state, start = trainer.initial_state(set_aside=True)
+  # Rows of steps after the checkpoint were written by a run that was cut
+  # short; the resumed run writes them again (as TensorBoard discards events
+  # past a restart's step).
+  writer.rewind(start)
+  if start >= config.train.steps:
+    progress.print(f"the checkpoint at step {start} already reaches train.steps="
+                   f"{config.train.steps}: nothing to train (raise "
+                   "--config.train.steps to continue, or run segjax eval)")
+    writer.close()
+    trainer.checkpoints.close()
+    return None
   if start:
     progress.print(f"resuming from checkpoint at step {start}")
   preempted = _PreemptionFlag(single_process=jax.process_count() == 1)
@@ -183,7 +196,10 @@ def train(config, workdir):
         _check_finite(trainer, state, config)
         trainer.save(state, force=True)
         trainer.checkpoints.wait()
-        progress.print(f"preempted: saved checkpoint at step {done}; exiting")
+        # Every host says so: on a pod each host's log shows the agreed step.
+        print(f"preempted: saved checkpoint at step {done}; exiting"
+              + (f" (process {jax.process_index()})" if jax.process_count() > 1 else ""),
+              flush=True)
         return None
     _check_finite(trainer, state, config)
     result = _evaluate(trainer, state, total, writer, progress)
@@ -201,19 +217,30 @@ def _summarise(trainer, state, pending):
   fetched = trainer.par.fetch(pending)
   values = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   values.pop("finite")
-  _check_finite(trainer, state, trainer.config)
+  values["nonfinite_steps"] = _check_finite(trainer, state, trainer.config)
   return values
 
 
 def _check_finite(trainer, state, config):
+  """Applies train.nan_policy to the count of NaN/Inf steps; returns the count.
+
+  The step itself never applies a non-finite update (steps.train_step), so
+  the state in hand is the last finite one and checkpoints stay good.
+  """
   nonfinite = int(trainer.par.fetch(state.nonfinite))
   if not nonfinite:
-    return
+    return 0
   policy = config.train.get("nan_policy", "stop")
   limit = config.train.get("max_nonfinite_steps", 0)
   if policy == "skip" and nonfinite <= limit:
-    return
+    return nonfinite
   last = trainer.checkpoints.latest_step()
+  if policy == "skip":
+    raise TrainingError(
+        f"{nonfinite} steps had a NaN/Inf loss or gradient and were skipped, more "
+        f"than train.max_nonfinite_steps={limit}; the last good checkpoint (step "
+        f"{last}) is intact. Lower optimizer.learning_rate, enable "
+        "optimizer.grad_clip_norm or check the data")
   raise TrainingError(
       f"the loss or gradient became NaN/Inf ({nonfinite} step(s) so far); the "
       f"last good checkpoint (step {last}) is intact. Lower "

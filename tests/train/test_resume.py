@@ -5,10 +5,13 @@ reference run's.
 """
 import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -57,37 +60,103 @@ def _miou(workdir, step):
   return [r["miou"] for r in rows if r["split"] == "validation" and r["step"] == step][-1]
 
 
+KILL_RUN = ("--config.train.steps=40", "--config.checkpoint.every_steps=4",
+            "--config.eval.every_steps=8")
+
+
 @pytest.fixture(scope="module")
 def reference(shapes_dir, tmp_path_factory):
+  """An uninterrupted 40-step run: checkpoints every 4 steps, evaluation every 8."""
   workdir = tmp_path_factory.mktemp("reference")
-  _run(_command(shapes_dir, workdir))
+  _run(_command(shapes_dir, workdir, *KILL_RUN), devices=2)
   return workdir
 
 
-def _wait_for(predicate, process, timeout=240):
+def _wait_for(predicate, process, timeout=240, poll=0.05):
   deadline = time.time() + timeout
   while not predicate():
     assert process.poll() is None, process.stderr.read()[-3000:]
     assert time.time() < deadline, "timed out"
-    time.sleep(0.05)
+    time.sleep(poll)
 
 
-def test_killed_run_resumes_to_the_same_parameters(shapes_dir, reference, tmp_path):
-  process = subprocess.Popen(_command(shapes_dir, tmp_path), env=_env(8), cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+class _Lines:
+  """Collects a process's stdout lines on a thread (readable while it runs)."""
+
+  def __init__(self, process):
+    self.lines = []
+    self.thread = threading.Thread(target=lambda: self.lines.extend(process.stdout),
+                                   daemon=True)
+    self.thread.start()
+
+  def has(self, text):
+    return any(text in line for line in list(self.lines))
+
+
+def _rows(workdir):
+  """metrics.jsonl rows without the timing column, which differs run to run."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  for row in rows:
+    row.pop("images_per_sec", None)
+  return rows
+
+
+def _temporary_checkpoint(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any("tmp" in d for d in os.listdir(directory))
+
+
+def _kill_once(shapes_dir, workdir, kind, rng):
+  """Starts (or resumes) the run and SIGKILLs it at one moment of `kind`:
+
+    step        right after a random logged step (0-50 ms later: mid-step)
+    eval        just after a step that is followed by an evaluation
+    checkpoint  as soon as an async checkpoint write has begun (its
+                temporary directory exists and has not been renamed yet)
+  """
+  process = subprocess.Popen(_command(shapes_dir, workdir, *KILL_RUN), env=_env(2),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-  checkpoint = tmp_path / "checkpoints" / "4"
-  _wait_for(checkpoint.exists, process)
+  out = _Lines(process)
+  _wait_for(lambda: out.has("step ") or out.has("resuming"), process)
+  resumed = [int(line.split()[-1]) for line in list(out.lines) if "resuming" in line]
+  start = resumed[0] if resumed else 0
+  if kind == "checkpoint":
+    # A write cut short in an earlier life leaves a temporary directory of
+    # the same name until orbax cleans it up: wait for a new one.
+    _wait_for(lambda: not _temporary_checkpoint(workdir), process)
+    _wait_for(lambda: _temporary_checkpoint(workdir), process, poll=0.001)
+  else:
+    every = 8 if kind == "eval" else 2
+    target = rng.choice(range(start + every - start % every, 41, every))
+    _wait_for(lambda: out.has(f"step {target:>6d}/40"), process, poll=0.001)
+    time.sleep(rng.uniform(0, 0.05))
+  assert process.poll() is None, f"the run ended before the {kind} kill"
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert not (tmp_path / "checkpoints" / "8").exists()
-  out = _run(_command(shapes_dir, tmp_path)).stdout
-  assert "resuming from checkpoint at step" in out
-  want, got = _flat(_params(reference, 8)), _flat(_params(tmp_path, 8))
+  if kind == "checkpoint":  # killed mid-write: the write was left unfinished
+    assert _temporary_checkpoint(workdir)
+  return start
+
+
+def test_killed_anywhere_resumes_to_the_same_parameters(shapes_dir, reference,
+                                                        tmp_path):
+  rng = random.Random(8)
+  kinds = ["checkpoint", "eval", "step"] + [rng.choice(["step", "eval", "checkpoint"])
+                                            for _ in range(2)]
+  rng.shuffle(kinds)
+  starts = [_kill_once(shapes_dir, tmp_path, kind, rng) for kind in kinds]
+  out = _run(_command(shapes_dir, tmp_path, *KILL_RUN), devices=2).stdout
+  assert "resuming from checkpoint at step" in out or "nothing to train" in out
+  assert any(starts), starts  # some lives resumed from a checkpoint
+  assert not _temporary_checkpoint(tmp_path)  # unfinished writes were cleaned up
+  want, got = _flat(_params(reference, 40)), _flat(_params(tmp_path, 40))
   assert want.keys() == got.keys()
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-  assert _miou(tmp_path, 8) == _miou(reference, 8)
+  # Every logged loss and evaluation, each once, bit for bit.
+  assert _rows(tmp_path) == _rows(reference)
 
 
 def test_sigterm_saves_and_exits_cleanly(shapes_dir, tmp_path):
@@ -131,3 +200,39 @@ def test_two_processes_match_one(shapes_dir, tmp_path):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-5,
                                atol=1e-5 * np.abs(want[name]).max(), err_msg=name)
   assert _miou(two, 8) == pytest.approx(_miou(one, 8), abs=1e-6)
+
+
+def test_sigterm_stops_two_processes_at_one_step(shapes_dir, tmp_path):
+  """A preemption notice to one host (here process 1) stops both at one step;
+  a restart of both continues from it."""
+  def start(steps):
+    port = _free_port()
+    return [subprocess.Popen(
+        _command(shapes_dir, tmp_path, f"--config.train.steps={steps}",
+                 "--config.checkpoint.every_steps=1000",
+                 "--config.eval.every_steps=1000",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}"),
+        env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+
+  processes = start(400)
+  _wait_for((tmp_path / "metrics.jsonl").exists, processes[0])  # under way
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [process.communicate(timeout=240) for process in processes]
+  stopped = []
+  for process, (out, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+    stopped += [int(m) for m in re.findall(r"preempted: saved checkpoint at step (\d+)",
+                                           out)]
+  assert len(stopped) == 2 and stopped[0] == stopped[1], stopped
+  step = stopped[0]
+  assert 0 < step < 400
+  assert os.listdir(tmp_path / "checkpoints") == [str(step)]
+
+  processes = start(step + 4)
+  outputs = [process.communicate(timeout=240) for process in processes]
+  for process, (out, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+  assert f"resuming from checkpoint at step {step}" in outputs[0][0]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted([str(step), str(step + 4)])

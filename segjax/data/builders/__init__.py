@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from segjax import errors
 from segjax import viz
-from segjax.data.builders import folder
+from segjax.data.builders import folder, manual
 from segjax.data.builders import (ade20k, cityscapes, coco, pascal_context,
                                   shapes, voc)
 
@@ -126,6 +126,8 @@ def load_builder(name: str, data_dir: str | None = None,
           "give only one.")
     builder_kwargs["config"] = config
   data_dir = os.path.expanduser(data_dir or default_data_dir())
+  if not issubclass(BUILDERS[base], manual.ManualBuilder):
+    builder_kwargs.pop("skip_bad_examples", None)  # Generated data has none.
   try:
     builder = BUILDERS[base](data_dir=data_dir, **builder_kwargs)
   except ValueError as e:  # tfds reports an unknown config as ValueError.
