@@ -60,8 +60,12 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, schedule,
   params = optax.apply_updates(state.params, updates)
 
   # A NaN/Inf step changes nothing but the counters; the loop reads the
-  # counter at its logging cadence, so there is no host sync per step.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # counter at its logging cadence, so there is no host sync per step. An
+  # update that overflows the parameters counts too: saving it would turn a
+  # good checkpoint bad.
+  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                     for p in jax.tree_util.tree_leaves(params)]))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
   keep = lambda new, old: jax.tree_util.tree_map(
       lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
