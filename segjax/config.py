@@ -121,6 +121,8 @@ def _parse(text, old, key):
   """Parses `text` to the type of the value it replaces."""
   if isinstance(old, str):
     return text
+  if isinstance(old, bool) and text.lower() in ("true", "false"):
+    return text.lower() == "true"  # as shell flags are usually written
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):

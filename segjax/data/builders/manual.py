@@ -45,9 +45,9 @@ class BadExample(errors.DataError):
   """One example's files are missing, unreadable or inconsistent."""
 
 
-SKIP_HINT = ("Re-extract or re-download the file, or build with "
-             "skip_bad_examples=True (e.g. load_builder(name, "
-             "skip_bad_examples=True)) to leave such examples out.")
+SKIP_HINT = ("Re-extract or re-download the file, or leave such examples out: "
+             "train with --config.data.skip_bad_examples=true, or build with "
+             "load_builder(name, skip_bad_examples=True).")
 
 
 class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
