@@ -1,13 +1,17 @@
 """Mapping tables for torchvision models: the ResNet and VGG ImageNet
-backbones, fcn_resnet50/101 and deeplabv3_resnet50/101."""
+backbones, fcn_resnet50/101, deeplabv3_resnet50/101 and
+maskrcnn_resnet50_fpn."""
+import re
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from segjax.convert import engine
 from segjax.errors import CheckpointError
 from segjax.models import fcn as fcn_lib
+from segjax.models import layers
 from segjax.models import torchvision_seg
 from segjax.models.backbones import resnet as resnet_lib
 from segjax.models.backbones import vgg as vgg_lib
+from segjax.models.detection import networks as detection_networks
 
 
 # --- mapping tables ---------------------------------------------------------
@@ -165,6 +169,109 @@ def _vgg16_fc(state, **kwargs):
   return engine.Conversion(model, rows, state)
 
 
+def fpn_rows(torch_prefix: str, flax_path: Tuple[str, ...],
+             num_levels: int) -> List[engine.Row]:
+  """Rows for torchvision's FeaturePyramidNetwork (no norm layer).
+
+  inner_blocks.{i} / layer_blocks.{i} are Conv2dNormActivation Sequentials
+  whose conv is ".0" -> detection.fpn's inner_blocks_{i} / layer_blocks_{i}.
+  """
+  rows = []
+  for block in ("inner_blocks", "layer_blocks"):
+    for i in range(num_levels):
+      rows.append((engine.join(torch_prefix, f"{block}.{i}.0"),
+                   flax_path + (f"{block}_{i}",), "conv"))
+  return rows
+
+
+def maskrcnn_rows(stage_sizes: Sequence[int],
+                  mask_layers: int = 4) -> List[engine.Row]:
+  """Rows for torchvision's MaskRCNN with a ResNet-FPN backbone.
+
+  Into detection.networks.MaskRCNNNetworks(layout="fpn"). fc6's weight
+  [1024, C*7*7] flattens an NCHW ROI (C, H, W); kind "fc_as_conv7" reshapes
+  it to the [7, 7, C, 1024] kernel BoxHead's fc6 contracts over NHWC (H, W,
+  C). conv5_mask (a ConvTranspose2d) takes kind "conv": heads.
+  ConvTranspose2x2 keeps its kernel in that layout.
+  """
+  rows = resnet_rows("backbone.body", ("backbone", "body"), stage_sizes)
+  rows += fpn_rows("backbone.fpn", ("backbone", "fpn"), 4)
+  rows += [("rpn.head.conv.0.0", ("rpn_head", "conv"), "conv"),
+           ("rpn.head.cls_logits", ("rpn_head", "cls_logits"), "conv"),
+           ("rpn.head.bbox_pred", ("rpn_head", "bbox_pred"), "conv"),
+           ("roi_heads.box_head.fc6", ("box_head", "fc6"), "fc_as_conv7"),
+           ("roi_heads.box_head.fc7", ("box_head", "fc7"), "linear"),
+           ("roi_heads.box_predictor.cls_score",
+            ("box_head", "predictor", "cls_score"), "linear"),
+           ("roi_heads.box_predictor.bbox_pred",
+            ("box_head", "predictor", "bbox_pred"), "linear")]
+  rows += [(f"roi_heads.mask_head.{i}.0", ("mask_head", f"mask_fcn{i + 1}"),
+            "conv") for i in range(mask_layers)]
+  rows += [("roi_heads.mask_predictor.conv5_mask",
+            ("mask_head", "predictor", "conv5_mask"), "conv"),
+           ("roi_heads.mask_predictor.mask_fcn_logits",
+            ("mask_head", "predictor", "mask_fcn_logits"), "conv")]
+  return rows
+
+
+# Key names of torchvision < 0.13 (and of its released COCO checkpoint
+# files, read with torch.load), which its modules still rename on load
+# (the _load_from_state_dict hooks of FPN, RPNHead and MaskRCNNHeads).
+_LEGACY_DETECTION_KEYS = (
+    (re.compile(
+        r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$"),
+     lambda m: f"{m[1]}.0.{m[2]}"),
+    (re.compile(r"^rpn\.head\.conv\.(weight|bias)$"),
+     lambda m: f"rpn.head.conv.0.0.{m[1]}"),
+    (re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$"),
+     lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}"),
+)
+
+
+def _rename_legacy(state):
+  out = {}
+  for key, value in state.items():
+    for pattern, new in _LEGACY_DETECTION_KEYS:
+      match = pattern.match(key)
+      if match:
+        key = new(match)
+        break
+    out[key] = value
+  return out
+
+
+def _maskrcnn_resnet50_fpn(state, num_classes=None, frozen_bn_eps=None,
+                           **kwargs):
+  """torchvision maskrcnn_resnet50_fpn -> MaskRCNNNetworks(layout="fpn").
+
+  Args:
+    state: its state_dict() (FrozenBatchNorm2d or BatchNorm2d backbone), or
+      a legacy-named checkpoint file's contents.
+    num_classes: background included; default: the checkpoint's (91 for
+      COCO), or torchvision's default 91 for an empty state.
+    frozen_bn_eps: the epsilon the checkpoint's FrozenBatchNorm2d layers ran
+      with, when not segjax's 1e-5: torchvision's COCO_V1 weights set it to
+      0 (`overwrite_eps(model, 0.0)`), so pass 0.0 for them. Folded into the
+      running variances (var + eps - 1e-5), which is exact up to float32
+      rounding.
+    **kwargs: other MaskRCNNNetworks options (e.g. dtype).
+  """
+  state = _rename_legacy(state)
+  head_key = "roi_heads.box_predictor.cls_score.weight"
+  if num_classes is None:
+    num_classes = int(state[head_key].shape[0]) if head_key in state else 91
+  if frozen_bn_eps is not None and frozen_bn_eps != layers.BN_EPSILON:
+    shift = frozen_bn_eps - layers.BN_EPSILON
+    state = {k: (v + shift if k.startswith("backbone.body.")
+                 and k.endswith(".running_var") else v)
+             for k, v in state.items()}
+  model = detection_networks.MaskRCNNNetworks(
+      num_classes=num_classes, layout="fpn", **kwargs)
+  hints = engine.classes_hint(state, head_key, num_classes)
+  return engine.Conversion(model, maskrcnn_rows(model.stage_sizes), state,
+                           hints)
+
+
 TORCHVISION: Dict[str, Callable[..., engine.Conversion]] = {
     "fcn_resnet50": _fcn_resnet,
     "deeplab_v3_resnet50": _deeplab_v3_resnet,
@@ -175,6 +282,7 @@ TORCHVISION: Dict[str, Callable[..., engine.Conversion]] = {
     "vgg16": _vgg(False),
     "vgg16_bn": _vgg(True),
     "vgg16_fc": _vgg16_fc,
+    "maskrcnn_resnet50_fpn": _maskrcnn_resnet50_fpn,
 }
 
 

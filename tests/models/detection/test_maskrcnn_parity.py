@@ -1,0 +1,229 @@
+"""Parity of MaskRCNNNetworks with torchvision's maskrcnn_resnet50_fpn.
+
+A randomly initialised torchvision model (FrozenBatchNorm2d backbone with
+random statistics and affine params, random FPN / head weights and biases,
+so a swapped or transposed tensor shows) is converted with
+segjax.convert ("maskrcnn_resnet50_fpn") and both run in eval mode on the
+same 2 x 160 x 224 batch and the same proposals: P2-P6, the RPN head's
+flattened objectness and deltas (and the anchors they belong to), the
+ROI-aligned features, and the box and mask heads' outputs, both end to end
+and on identical (torchvision's) pooled features.
+
+Run in the torch venv:
+  .venv-parity/bin/python -m pytest -q tests/models/detection/test_maskrcnn_parity.py
+"""
+import copy
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segjax import convert
+from segjax.convert import torchvision as tv_convert
+from segjax.models.detection.fpn import FeaturePyramidNetwork
+from segjax.models.detection.networks import MaskRCNNNetworks
+from segjax.ops import decode_boxes
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+
+RTOL = 1e-4
+NUM_CLASSES = 5
+IMAGE = (160, 224)
+# Per image, (x1, y1, x2, y2): sqrt(area) from 3.5 to 614 px, so FPN level
+# assignment picks every one of P2..P5; some extend past the image.
+BOXES = (
+    [[10., 20., 60., 50.], [0., 0., 224., 160.], [100.5, 30.25, 220., 150.],
+     [-60., -80., 300., 250.], [-250., -200., 400., 380.], [50., 60., 54., 63.]],
+    [[5., 5., 120., 150.], [30., 40., 90., 45.], [-150., -150., 350., 300.],
+     [0., 0., 30., 30.]],
+)
+FPN_NAMES = ("p2", "p3", "p4", "p5", "p6")
+
+
+def relative_error(ours, theirs):
+  """max |ours - theirs| / max |theirs|."""
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+  return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+
+
+def nhwc(t):
+  return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def _freeze_bn(module, generator):
+  """BatchNorm2d -> FrozenBatchNorm2d (checkpoint layout) with random values."""
+  from torchvision.ops.misc import FrozenBatchNorm2d
+  for name, child in module.named_children():
+    if isinstance(child, torch.nn.BatchNorm2d):
+      c = child.num_features
+      frozen = FrozenBatchNorm2d(c)
+      frozen.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
+      frozen.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+      frozen.weight.copy_(0.5 + torch.rand(c, generator=generator))
+      frozen.bias.copy_(0.1 * torch.randn(c, generator=generator))
+      setattr(module, name, frozen)
+    else:
+      _freeze_bn(child, generator)
+
+
+def _randomise_heads(net, generator):
+  """FPN and heads: weights ~ N(0, 1 / fan-in), biases ~ N(0, 0.01)."""
+  with torch.no_grad():
+    for name, p in net.named_parameters():
+      if name.startswith("backbone.body."):
+        continue
+      if name.endswith(".bias"):
+        p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+      else:
+        p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p[0].numel()))
+
+
+@pytest.fixture(scope="module")
+def case():
+  """torchvision's and our outputs on the same images and proposals."""
+  from torchvision.models.detection import maskrcnn_resnet50_fpn
+  from torchvision.models.detection.image_list import ImageList
+  from torchvision.models.detection.rpn import concat_box_prediction_layers
+  torch.set_num_threads(1)
+  generator = torch.Generator().manual_seed(0)
+  net = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                              num_classes=NUM_CLASSES)
+  _freeze_bn(net.backbone.body, generator)
+  _randomise_heads(net, generator)
+  net.eval()
+  x = torch.randn(2, 3, *IMAGE, generator=generator)
+  boxes = [torch.tensor(b) for b in BOXES]
+  shapes = [IMAGE] * 2
+  ref = {}
+  with torch.no_grad():
+    feats = net.backbone(x)
+    levels = list(feats.values())
+    objectness, deltas = net.rpn.head(levels)
+    obj, dl = concat_box_prediction_layers(objectness, deltas)
+    ref["objectness"], ref["rpn_deltas"] = obj.reshape(2, -1), dl.reshape(2, -1, 4)
+    ref["anchors"] = net.rpn.anchor_generator(ImageList(x, shapes), levels)[0]
+    ref["proposals"] = net.rpn.box_coder.decode(
+        dl, [ref["anchors"]] * 2).reshape(2, -1, 4)
+    ref["box_pooled"] = net.roi_heads.box_roi_pool(feats, boxes, shapes)
+    ref["class_logits"], box_deltas = net.roi_heads.box_predictor(
+        net.roi_heads.box_head(ref["box_pooled"]))
+    ref["box_deltas"] = box_deltas.reshape(-1, NUM_CLASSES, 4)
+    ref["mask_pooled"] = net.roi_heads.mask_roi_pool(feats, boxes, shapes)
+    ref["mask_logits"] = net.roi_heads.mask_predictor(
+        net.roi_heads.mask_head(ref["mask_pooled"]))
+  ref["features"] = dict(zip(FPN_NAMES, levels))
+
+  state = net.state_dict()
+  assert not any(k.endswith("num_batches_tracked") for k in state)  # FrozenBN
+  variables = convert.from_torch("maskrcnn_resnet50_fpn", state)
+  model = MaskRCNNNetworks(num_classes=NUM_CLASSES)
+  images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+  rois = jnp.asarray(np.concatenate(BOXES), jnp.float32)
+  rois_image = jnp.asarray(np.repeat([0, 1], [len(b) for b in BOXES]), jnp.int32)
+  forward = jax.jit(lambda v, im: model.apply(v, im, rois, rois_image))
+  ours = forward(variables, images)
+  return dict(net=net, x=x, ref=ref, ours=ours, model=model, images=images,
+              variables=variables, state=state, forward=forward, rois=rois,
+              rois_image=rois_image)
+
+
+def _check(name, ours, theirs):
+  err = relative_error(ours, theirs)
+  print(f"{name}: rel err {err:.2e}")
+  assert err < RTOL, name
+
+
+def test_backbone_fpn_features(case):
+  for name in FPN_NAMES:
+    _check(name, case["ours"]["features"][name], nhwc(case["ref"]["features"][name]))
+
+
+def test_rpn_head_outputs_and_their_anchors(case):
+  ours, ref = case["ours"], case["ref"]
+  _check("objectness", jnp.concatenate(ours["objectness"], 1), ref["objectness"])
+  _check("rpn deltas", jnp.concatenate(ours["rpn_deltas"], 1), ref["rpn_deltas"])
+  anchors = jnp.concatenate(ours["anchors"], 0)
+  np.testing.assert_array_equal(anchors, ref["anchors"].numpy())
+  # Each delta decodes against its own anchor, as in torchvision.
+  proposals = jax.vmap(decode_boxes, (0, None))(jnp.concatenate(ours["rpn_deltas"], 1),
+                                                anchors)
+  _check("decoded proposals", proposals, ref["proposals"])
+
+
+def test_roi_aligned_features(case):
+  model, feats = case["model"], case["ours"]["features"]
+  pool = jax.jit(lambda v, f, size: model.apply(
+      v, f, case["rois"], case["rois_image"], size, method=model.pool),
+                 static_argnums=2)
+  _check("box pooled 7x7", pool(case["variables"], feats, 7),
+         nhwc(case["ref"]["box_pooled"]))
+  _check("mask pooled 14x14", pool(case["variables"], feats, 14),
+         nhwc(case["ref"]["mask_pooled"]))
+
+
+def test_box_and_mask_heads_end_to_end(case):
+  ours, ref = case["ours"], case["ref"]
+  _check("class logits", ours["class_logits"], ref["class_logits"])
+  _check("box deltas", ours["box_deltas"], ref["box_deltas"])
+  _check("mask logits", ours["mask_logits"], nhwc(ref["mask_logits"]))
+
+
+def test_heads_on_identical_pooled_features(case):
+  model, v, ref = case["model"], case["variables"], case["ref"]
+  logits, deltas = jax.jit(lambda p: model.apply(v, p, method=model.box_outputs))(
+      jnp.asarray(nhwc(ref["box_pooled"])))
+  masks = jax.jit(lambda p: model.apply(v, p, method=model.mask_outputs))(
+      jnp.asarray(nhwc(ref["mask_pooled"])))
+  _check("class logits (same pooled)", logits, ref["class_logits"])
+  _check("box deltas (same pooled)", deltas, ref["box_deltas"])
+  _check("mask logits (same pooled)", masks, nhwc(ref["mask_logits"]))
+
+
+def test_coco_v1_zero_eps_frozen_bn(case):
+  """torchvision's COCO_V1 weights run FrozenBN with eps 0; frozen_bn_eps=0."""
+  from torchvision.models.detection._utils import overwrite_eps
+  body = copy.deepcopy(case["net"].backbone)
+  # Tiny variances make the epsilon matter (1e-5 vs 0 changes their scale).
+  body.body.bn1.running_var[:16] = 2e-5
+  overwrite_eps(body, 0.0)
+  with torch.no_grad():
+    expected = list(body(case["x"]).values())
+  state = dict(case["state"])
+  state.update({f"backbone.{k}": v for k, v in body.state_dict().items()})
+  for eps, close in ((0.0, True), (None, False)):
+    variables = convert.from_torch("maskrcnn_resnet50_fpn", state, frozen_bn_eps=eps)
+    feats = case["forward"](variables, case["images"])["features"]
+    errs = [relative_error(feats[n], nhwc(e)) for n, e in zip(FPN_NAMES, expected)]
+    print(f"frozen_bn_eps={eps}: max rel err {max(errs):.2e}")
+    assert (max(errs) < RTOL) == close
+
+
+def test_fpn_alone_at_sizes_that_do_not_halve():
+  """C5 3x4 under C4 6x7 etc.: nearest resize to the lateral's size."""
+  from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+  generator = torch.Generator().manual_seed(3)
+  channels, out = (8, 16, 24, 32), 16
+  ref_fpn = torchvision.ops.FeaturePyramidNetwork(list(channels), out,
+                                                  LastLevelMaxPool())
+  with torch.no_grad():
+    for p in ref_fpn.parameters():
+      p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+  sizes = ((23, 27), (12, 14), (6, 7), (3, 4))
+  inputs = [torch.randn(2, c, h, w, generator=generator)
+            for c, (h, w) in zip(channels, sizes)]
+  with torch.no_grad():
+    expected = list(ref_fpn({str(i): t for i, t in enumerate(inputs)}).values())
+  fpn = FeaturePyramidNetwork(out)
+  feats = [jnp.asarray(nhwc(t)) for t in inputs]
+  template = jax.eval_shape(lambda: fpn.init(jax.random.key(0), feats))
+  variables = convert.apply_mapping(tv_convert.fpn_rows("", (), 4),
+                                    convert.engine.to_numpy(ref_fpn.state_dict()),
+                                    template)
+  got = fpn.apply(variables, feats)
+  assert len(got) == len(expected) == 5
+  for i, (g, e) in enumerate(zip(got, expected)):
+    _check(f"fpn level {i}", g, nhwc(e))
