@@ -26,6 +26,13 @@ def shapes_dir(tmp_path_factory):
   return data_dir
 
 
+def train_argv(data_dir, workdir, *extra):
+  """`segjax train` arguments: the tiny U-Net on the small dataset, plus `extra`."""
+  return ["train", "--config", os.path.join(REPO, "configs", "unet_shapes.py:tiny"),
+          "--workdir", str(workdir), f"--config.dataset={SMALL_DATASET}",
+          f"--config.data_dir={data_dir}", *extra]
+
+
 def tiny_config(data_dir, *overrides):
   """configs/unet_shapes.py:tiny on the small dataset, plus overrides."""
   from segjax import config as config_lib

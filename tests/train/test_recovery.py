@@ -13,26 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, SMALL_DATASET, tiny_config
+from conftest import tiny_config, train_argv
 from segjax import cli
 from segjax.data import pipeline
 from segjax.train import loop
 from segjax.train.checkpoint import restore_on_host
 
-CONFIG = os.path.join(REPO, "configs", "unet_shapes.py:tiny")
-
-
-def _train(shapes_dir, workdir, *extra):
-  return ["train", "--config", CONFIG, "--workdir", str(workdir),
-          f"--config.dataset={SMALL_DATASET}", f"--config.data_dir={shapes_dir}",
-          *extra]
-
-
 @pytest.fixture(scope="module")
 def trained(shapes_dir, tmp_path_factory):
   """A finished 4-step run with checkpoints at steps 2 and 4."""
   workdir = tmp_path_factory.mktemp("run")
-  assert cli.main(_train(shapes_dir, workdir)) == 0
+  assert cli.main(train_argv(shapes_dir, workdir)) == 0
   return workdir
 
 
@@ -89,7 +80,7 @@ def test_corrupt_latest_checkpoint(corruption, trained, shapes_dir, tmp_path, ca
   # so that step 4 can be saved afresh, and carries on.
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    assert cli.main(_train(shapes_dir, workdir, "--config.train.steps=6")) == 0
+    assert cli.main(train_argv(shapes_dir, workdir, "--config.train.steps=6")) == 0
   aside = workdir / "corrupt_checkpoints" / "4"
   assert f"moved to {aside}" in caplog.text
   assert "resuming from checkpoint at step 2" in capsys.readouterr().out
@@ -118,7 +109,7 @@ def test_checkpoint_of_another_model_is_refused(trained, shapes_dir, tmp_path,
                                                 override, named, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
-  assert cli.main(_train(shapes_dir, workdir, "--config.train.steps=6", override)) == 2
+  assert cli.main(train_argv(shapes_dir, workdir, "--config.train.steps=6", override)) == 2
   err = capsys.readouterr().err
   assert "does not fit this model" in err and named in err
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
@@ -157,9 +148,9 @@ def test_skip_policy_stops_past_its_limit(shapes_dir, tmp_path, capsys):
   # A first run saves steps 2 and 4. Continuing with an absurd learning rate
   # makes every later step non-finite: they are skipped and counted in the
   # train rows until the count passes the limit, then the run stops.
-  assert cli.main(_train(shapes_dir, tmp_path)) == 0
+  assert cli.main(train_argv(shapes_dir, tmp_path)) == 0
   capsys.readouterr()
-  assert cli.main(_train(shapes_dir, tmp_path, "--config.train.steps=40",
+  assert cli.main(train_argv(shapes_dir, tmp_path, "--config.train.steps=40",
                          "--config.optimizer.learning_rate=1e30",
                          "--config.train.nan_policy=skip",
                          "--config.train.max_nonfinite_steps=3")) == 2
@@ -174,5 +165,5 @@ def test_skip_policy_stops_past_its_limit(shapes_dir, tmp_path, capsys):
 
 
 def test_unknown_nan_policy_is_a_config_error(shapes_dir, tmp_path, capsys):
-  assert cli.main(_train(shapes_dir, tmp_path, "--config.train.nan_policy=ignore")) == 2
+  assert cli.main(train_argv(shapes_dir, tmp_path, "--config.train.nan_policy=ignore")) == 2
   assert "train.nan_policy is 'ignore'; use 'stop' or 'skip'" in capsys.readouterr().err
