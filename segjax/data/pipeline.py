@@ -79,6 +79,37 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
     "label" int32 [B/P, h, w] (255 = ignore), and "weight" float32 [B/P, h, w]
     when the loss is "unet_weighted".
   """
+  crop = tuple(config.image_size)
+  aug = config.augment
+  weighted = config.loss.name == "unet_weighted"
+  loss_kwargs = dict(config.loss.get("kwargs", {}))
+
+  def augment(example_seed, example):
+    out = transforms.train_transform(
+        example, example_seed, crop_size=crop, scale_range=tuple(aug.scale_range),
+        flip=aug.flip, photometric=aug.photometric, mean=tuple(aug.mean),
+        std=tuple(aug.std))
+    if weighted:
+      out["weight"] = _unet_weights(out["label"], loss_kwargs)
+    return out
+
+  ds = training_stream(config, semantic_example, augment, start_step=start_step,
+                       process_index=process_index, process_count=process_count,
+                       split=split)
+  yield from _checked(ds, config)
+
+
+def training_stream(config, decode, augment, start_step=0, process_index=None,
+                    process_count=None, split="train"):
+  """This host's training batches from `start_step` on, as a tf.data.Dataset
+  (the stream of the module docstring; also used for instance data).
+
+  Args:
+    decode: tfds example -> example, applied once per example (cached for
+      splits below `data.cache_below` examples).
+    augment: (seed int64 [2], example) -> example of fixed shapes; the seed
+      is (seed, shard, index in the shard's sequence).
+  """
   index, count = _process(process_index, process_count)
   num_shards = config.data.get("num_shards", 0) or count
   batch = config.train.batch_size
@@ -91,22 +122,23 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
   shards_per_host = num_shards // count
   host_shards = range(index * shards_per_host, (index + 1) * shards_per_host)
   splits = tfds.even_splits(split, n=num_shards, drop_remainder=False)
-  streams = [_shard_stream(config, builder, splits[s], s, per_shard, start_step)
+  streams = [_shard_stream(config, builder, splits[s], s, per_shard, start_step,
+                           decode, augment)
              for s in host_shards]
   ds = tf.data.Dataset.zip(tuple(streams)).map(
       lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
-  ds = ds.prefetch(config.data.get("prefetch", 2))
-  yield from _checked(ds, config)
+  return ds.prefetch(config.data.get("prefetch", 2))
 
 
-def _shard_stream(config, builder, split, shard, per_shard, start_step):
+def _shard_stream(config, builder, split, shard, per_shard, start_step, decode,
+                  augment):
   n = _num_examples(builder, split)
   if n == 0:
     raise DataError(f"training split {split!r} of {builder.name} is empty; "
                     "check the dataset files or the data_dir")
   base = builder.as_dataset(split=split, shuffle_files=False,
                             read_config=tfds.ReadConfig(try_autocache=False))
-  base = base.map(semantic_example, num_parallel_calls=tf.data.AUTOTUNE)
+  base = base.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
   if n <= config.data.get("cache_below", 4096):
     base = base.cache()  # Small splits: decode once, not every epoch.
   buffer = min(n, config.data.get("shuffle_buffer", 2048))
@@ -120,22 +152,12 @@ def _shard_stream(config, builder, split, shard, per_shard, start_step):
   first_epoch, offset = divmod(first, n)
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(offset)
   ds = ds.enumerate(start=first)
-  crop = tuple(config.image_size)
-  aug = config.augment
-  weighted = config.loss.name == "unet_weighted"
-  loss_kwargs = dict(config.loss.get("kwargs", {}))
 
-  def augment(i, example):
+  def seeded(i, example):
     example_seed = tf.stack([tf.constant(seed * 7919 + shard + _AUGMENT_SALT, tf.int64), i])
-    out = transforms.train_transform(
-        example, example_seed, crop_size=crop, scale_range=tuple(aug.scale_range),
-        flip=aug.flip, photometric=aug.photometric, mean=tuple(aug.mean),
-        std=tuple(aug.std))
-    if weighted:
-      out["weight"] = _unet_weights(out["label"], loss_kwargs)
-    return out
+    return augment(example_seed, example)
 
-  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(seeded, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(per_shard, drop_remainder=True)
 
 

@@ -1,0 +1,398 @@
+"""Instance segmentation input for Mask R-CNN: tfds -> fixed-shape batches.
+
+torchvision and detectron2 hand the model lists of per-image targets of any
+length and batch images padded to the largest one. A jit-compiled step wants
+one shape for every batch, so here each example becomes
+
+  image:       float32 [Hc, Wc, 3], normalised, padded bottom/right with 0
+               (the mean colour) to the canvas (Hc, Wc)
+  image_size:  int32 [2] (h, w) of the resized image on the canvas; boxes
+               lie inside it (clip predictions to it)
+  boxes:       float32 [G, 4] (x1, y1, x2, y2) in canvas pixels
+  classes:     int32 [G] in 1..K (dataset label + 1); 0 = padding, as
+               background is 0 in torchvision
+  masks:       uint8 [G, Hc, Wc], 1 inside the instance, 0 elsewhere and
+               in the canvas padding
+  valid:       bool [G], True for real rows
+  crowd:       bool [G], True for kept crowd regions (see drop_crowd)
+  num_dropped: int32 [], instances that did not fit in G
+
+G = `max_instances`. The first G instances in dataset order are kept
+(segjax_shapes: back to front; COCO: json order); the rest are counted in
+num_dropped and lost, so pick G above the dataset's maximum (COCO 2017
+train has at most 93 non-crowd instances per image) or accept the loss.
+Crowd regions are left out of training targets, as torchvision's and
+detectron2's COCO loaders do; evaluation keeps them, flagged in `crowd`, for
+COCO-style matching. Boxes are clipped to the image and zero-area boxes
+dropped, as torchvision's ConvertCocoPolysToMask does.
+
+Memory: masks take G * Hc * Wc bytes per image (100 * 1344^2 = 180 MB at
+the COCO defaults), so lower max_instances or the canvas for big batches.
+
+Config keys, `config.instances.*` (missing ones take `default_config()`):
+  max_instances      100      G, rows of boxes / classes / masks
+  min_size           (800,)   short side after resizing; training draws one
+                              of the tuple per example (multi-scale),
+                              evaluation uses the last, as torchvision does
+  max_size           1333     long side at most this
+  canvas             ()       (Hc, Wc), multiples of size_divisibility;
+                              () = a square of max_size rounded up to it
+  size_divisibility  32       what the canvas must be a multiple of
+  flip               True     random horizontal flip (p = 0.5) in training
+  drop_crowd         True     leave crowd regions out of training targets
+Also read, as segjax.data.pipeline reads them: seed, dataset, data_dir,
+train.batch_size, eval.batch_size, eval.split, augment.mean / std (0..255
+scale), data.num_shards / shuffle_buffer / cache_below / prefetch /
+skip_bad_examples, and num_classes (optional; K + 1, background included,
+as the Mask R-CNN heads count it) to check the classes against.
+
+Resizing follows GeneralizedRCNNTransform: scale = min(min_size / short,
+max_size / long), and, beyond torchvision, also at most canvas / size so the
+image always fits the canvas. Sizes round to the nearest pixel (detectron2's
+ResizeShortestEdge) where torchvision floors, so the short side is exactly
+min_size rather than sometimes one less. Boxes scale by new / old size per
+axis; images resize bilinearly (half-pixel centres, no antialiasing), masks
+with nearest neighbour as both libraries do, so they stay binary.
+
+Streams: `train_batches` and `eval_batches` are built as pipeline.py's
+semantic ones (see its docstring): the training stream is a pure function of
+(seed, step), resumes at any step without reading earlier examples, and does
+not depend on the number of hosts; evaluation pads every host to the same
+number of batches, marks real examples in "mask" [B] and carries each one's
+"image_id" (-1 for padding) and "orig_size" so predictions map back to the
+original image for COCO evaluation.
+"""
+import dataclasses
+import math
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from segjax.data import pipeline, transforms
+from segjax.errors import ConfigError, DataError
+
+Example = dict[str, tf.Tensor]
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.instances` defaults: Mask R-CNN's COCO recipe."""
+  return ml_collections.ConfigDict(dict(
+      max_instances=100, min_size=(800,), max_size=1333, canvas=(),
+      size_divisibility=32, flip=True, drop_crowd=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Validated `config.instances`; see the module docstring."""
+  max_instances: int
+  min_size: tuple[int, ...]
+  max_size: int
+  canvas: tuple[int, int]
+  flip: bool
+  drop_crowd: bool
+
+
+def settings(config) -> Settings:
+  """Reads and checks `config.instances` (defaults for missing keys).
+
+  Raises:
+    ConfigError: for an unknown key, a non-positive size, an empty
+      min_size, or a canvas that is not a multiple of size_divisibility.
+  """
+  c = dict(default_config())
+  given = dict(config.get("instances") or {})
+  unknown = sorted(set(given) - set(c))
+  if unknown:  # A misspelt key would otherwise leave its default in force.
+    raise ConfigError(f"unknown config.instances keys {unknown}; the keys "
+                      f"are {', '.join(sorted(c))}")
+  c.update(given)
+  min_size = c["min_size"]
+  min_size = (min_size,) if isinstance(min_size, int) else tuple(min_size)
+  max_size, divisor, g = c["max_size"], c["size_divisibility"], c["max_instances"]
+  if not min_size or min(min_size) < 1 or min(max_size, divisor, g) < 1:
+    raise ConfigError(
+        f"config.instances: min_size={c['min_size']}, max_size={max_size}, "
+        f"size_divisibility={divisor} and max_instances={g} must be positive "
+        "(min_size an int or a non-empty tuple of ints)")
+  canvas = tuple(c["canvas"] or ())
+  if not canvas:  # Fits any orientation: the long side is at most max_size.
+    side = -(-max_size // divisor) * divisor
+    canvas = (side, side)
+  if len(canvas) != 2 or min(canvas) < 1 or any(x % divisor for x in canvas):
+    raise ConfigError(
+        f"config.instances.canvas={canvas} must be (height, width), both "
+        f"positive multiples of size_divisibility={divisor}, or () for a "
+        "square of max_size rounded up to one")
+  return Settings(int(g), tuple(int(x) for x in min_size), int(max_size),
+                  (int(canvas[0]), int(canvas[1])), bool(c["flip"]),
+                  bool(c["drop_crowd"]))
+
+
+def select_instances(example: Example, max_instances: int,
+                     drop_crowd: bool = True) -> Example:
+  """tfds features -> the first <= G usable instances, not yet padded.
+
+  Args:
+    example: a segjax_shapes or coco_instances example: "image" uint8
+      [H, W, 3], "objects" with "mask" [K, H, W, 1], "bbox" [K, 4] (x1, y1,
+      x2, y2) pixels, "label" [K] 0-based, optional "is_crowd" [K];
+      "image_id" passes through.
+    max_instances: G.
+    drop_crowd: leave out crowd instances (else keep them, flagged).
+
+  Returns:
+    {"image": uint8 [H, W, 3], "boxes": float32 [N, 4] clipped to the image,
+    "classes": int32 [N] (label + 1), "masks": uint8 [N, H, W], "crowd": bool
+    [N], "num_dropped": int32 []}, N <= G; boxes of zero area are left out.
+  """
+  image = example["image"]
+  objects = example["objects"]
+  hw = tf.shape(image)[:2]
+  k = tf.shape(objects["bbox"])[0]
+  masks = objects["mask"]
+  # An image without objects decodes its masks as [0, 0, 0, 1]; give them
+  # the image's size. Otherwise a mask of another size is a data error.
+  check = tf.debugging.Assert(
+      tf.logical_or(k == 0, tf.reduce_all(tf.shape(masks)[1:3] == hw)),
+      ["instance masks differ in size from their image", tf.shape(masks), hw])
+  with tf.control_dependencies([check]):
+    masks = tf.reshape(tf.cast(masks, tf.uint8), tf.concat([[k], hw], 0))
+  size = tf.cast(tf.stack([hw[1], hw[0], hw[1], hw[0]]), tf.float32)
+  boxes = tf.clip_by_value(tf.cast(objects["bbox"], tf.float32), 0.0, size)
+  crowd = tf.cast(objects.get("is_crowd", tf.zeros([k], tf.bool)), tf.bool)
+  keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+  if drop_crowd:
+    keep &= ~crowd
+  index = tf.where(keep)[:, 0]
+  num_dropped = tf.maximum(tf.size(index) - max_instances, 0)
+  index = index[:max_instances]
+  out = {
+      "image": image,
+      "boxes": tf.gather(boxes, index),
+      "classes": tf.gather(tf.cast(objects["label"], tf.int32), index) + 1,
+      "masks": tf.gather(masks, index),
+      "crowd": tf.gather(crowd, index),
+      "num_dropped": tf.cast(num_dropped, tf.int32),
+  }
+  if "image_id" in example:
+    out["image_id"] = tf.cast(example["image_id"], tf.int64)
+  return out
+
+
+def pad_instances(ex: Example, max_instances: int) -> Example:
+  """Pads the N <= G instance rows to G and adds "valid" [G] bool.
+
+  Padding rows have box 0, class 0, an all-zero mask and crowd False.
+  """
+  n = tf.shape(ex["boxes"])[0]
+  pad = max_instances - n
+  out = dict(ex)
+  for key in ("boxes", "classes", "masks", "crowd"):
+    value = ex[key]
+    rows = [[0, pad]] + [[0, 0]] * (value.shape.rank - 1)
+    out[key] = tf.ensure_shape(tf.pad(value, rows),
+                               [max_instances] + value.shape[1:].as_list())
+  out["valid"] = tf.range(max_instances) < n
+  return out
+
+
+def instance_example(example: Example, max_instances: int,
+                     drop_crowd: bool = True) -> Example:
+  """tfds features -> G fixed rows at the image's own size (no transform).
+
+  `select_instances` then `pad_instances`: "image" uint8 [H, W, 3], "boxes"
+  float32 [G, 4], "classes" int32 [G], "masks" uint8 [G, H, W], "valid" bool
+  [G], "crowd" bool [G], "num_dropped" int32 [].
+  """
+  return pad_instances(select_instances(example, max_instances, drop_crowd),
+                       max_instances)
+
+
+def resized_size(hw: tf.Tensor, min_size, max_size: int,
+                 canvas: tuple[int, int]) -> tf.Tensor:
+  """int32 [2]: (h, w) scaled by min(min_size / short, max_size / long,
+  canvas / (h, w)), rounded half up; `min_size` may be a scalar tensor."""
+  hw = tf.cast(hw, tf.float64)  # float64: no 799.9999 -> 799 surprises.
+  scale = tf.minimum(tf.cast(min_size, tf.float64) / tf.reduce_min(hw),
+                     tf.cast(max_size, tf.float64) / tf.reduce_max(hw))
+  scale = tf.minimum(scale, tf.reduce_min(tf.constant(canvas, tf.float64) / hw))
+  return tf.maximum(tf.cast(tf.floor(hw * scale + 0.5), tf.int32), 1)
+
+
+def resize(ex: Example, min_size, max_size: int, canvas: tuple[int, int]) -> Example:
+  """Resizes image (bilinear), masks (nearest) and boxes together.
+
+  Args:
+    ex: "image" [H, W, 3], "boxes" [N, 4], "masks" [N, H, W].
+    min_size: int or scalar int tensor (the drawn scale).
+
+  Returns:
+    ex with image float32 [h, w, 3], masks uint8 [N, h, w], boxes scaled by
+    (w / W, h / H) and clipped to (w, h).
+  """
+  old = tf.shape(ex["image"])[:2]
+  new = resized_size(old, min_size, max_size, canvas)
+  image = tf.image.resize(tf.cast(ex["image"], tf.float32), new, method="bilinear")
+  masks = tf.image.resize(ex["masks"][..., None], new, method="nearest")[..., 0]
+  ratio = tf.cast(new, tf.float32) / tf.cast(old, tf.float32)
+  size = tf.cast(tf.stack([new[1], new[0], new[1], new[0]]), tf.float32)
+  boxes = ex["boxes"] * tf.stack([ratio[1], ratio[0], ratio[1], ratio[0]])
+  # Clipped again: x * (w / W) for x = W may land an ulp beyond w.
+  boxes = tf.clip_by_value(boxes, 0.0, size)
+  return {**ex, "image": image, "masks": masks, "boxes": boxes}
+
+
+def hflip(ex: Example) -> Example:
+  """Mirrors image and masks left-right; boxes become (W - x2, y1, W - x1, y2).
+
+  Rows marked invalid (if "valid" is present) keep their zero boxes.
+  """
+  width = tf.cast(tf.shape(ex["image"])[1], tf.float32)
+  x1, y1, x2, y2 = tf.unstack(ex["boxes"], axis=-1)
+  boxes = tf.stack([width - x2, y1, width - x1, y2], axis=-1)
+  if "valid" in ex:
+    boxes = tf.where(ex["valid"][:, None], boxes, ex["boxes"])
+  return {**ex, "image": tf.reverse(ex["image"], [1]),
+          "masks": tf.reverse(ex["masks"], [2]), "boxes": boxes}
+
+
+def pad_to_canvas(ex: Example, canvas: tuple[int, int]) -> Example:
+  """Pads image (0) and masks (0) bottom/right to `canvas`; adds "image_size"."""
+  hw = tf.shape(ex["image"])[:2]
+  pad = tf.constant(canvas, tf.int32) - hw
+  image = tf.pad(ex["image"], [[0, pad[0]], [0, pad[1]], [0, 0]])
+  masks = tf.pad(ex["masks"], [[0, 0], [0, pad[0]], [0, pad[1]]])
+  return {**ex, "image": tf.ensure_shape(image, [*canvas, 3]),
+          "masks": tf.ensure_shape(masks, [None, *canvas]), "image_size": hw}
+
+
+def train_transform(ex: Example, seed, s: Settings,
+                    mean=transforms.IMAGENET_MEAN,
+                    std=transforms.IMAGENET_STD) -> Example:
+  """Random scale from s.min_size, flip, normalise, pad to canvas and to G.
+
+  Args:
+    ex: `select_instances` output (or `instance_example`'s).
+    seed: int tensor [2]; every random draw of the example derives from it.
+
+  Returns:
+    The fixed-shape example of the module docstring.
+  """
+  scale_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  choice = tf.random.stateless_uniform([], scale_seed, 0, len(s.min_size), tf.int32)
+  ex = resize(ex, tf.gather(s.min_size, choice), s.max_size, s.canvas)
+  if s.flip:
+    flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+    ex = tf.cond(flip, lambda: hflip(ex), lambda: ex)
+  return _finish(ex, s, mean, std)
+
+
+def eval_transform(ex: Example, s: Settings, mean=transforms.IMAGENET_MEAN,
+                   std=transforms.IMAGENET_STD) -> Example:
+  """Deterministic: resize with the last min_size, normalise, pad."""
+  return _finish(resize(ex, s.min_size[-1], s.max_size, s.canvas), s, mean, std)
+
+
+def _finish(ex, s, mean, std):
+  """Normalises (0..255 mean / std), pads to the canvas and to G rows."""
+  mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise ConfigError(f"augment.mean={mean} and augment.std={std} need one "
+                      "value per RGB channel, std positive (0..255 scale)")
+  ex = {**ex, "image": (tf.cast(ex["image"], tf.float32) - mean) / std}
+  ex = pad_to_canvas(ex, s.canvas)
+  return ex if "valid" in ex else pad_instances(ex, s.max_instances)
+
+
+def train_batches(config, start_step=0, process_index=None, process_count=None,
+                  split="train"):
+  """Yields the host-local training batches of steps start_step, start_step+1, ...
+
+  Sharding, shuffling, seeding and resuming as pipeline.train_batches.
+
+  Yields:
+    dict of numpy arrays, B/P examples of the module docstring's form:
+    "image" float32 [b, Hc, Wc, 3], "image_size" int32 [b, 2], "boxes"
+    float32 [b, G, 4], "classes" int32 [b, G], "masks" uint8 [b, G, Hc, Wc],
+    "valid" / "crowd" bool [b, G], "num_dropped" int32 [b], plus "image_id"
+    int64 [b] where the dataset has it.
+  """
+  s = settings(config)
+  mean, std = tuple(config.augment.mean), tuple(config.augment.std)
+  ds = pipeline.training_stream(
+      config, lambda ex: select_instances(ex, s.max_instances, s.drop_crowd),
+      lambda seed, ex: train_transform(ex, seed, s, mean, std),
+      start_step=start_step, process_index=process_index,
+      process_count=process_count, split=split)
+  yield from _checked(ds, config)
+
+
+def eval_batches(config, process_index=None, process_count=None, split=None,
+                 local_devices=1):
+  """Yields the host-local evaluation batches, padded, with a "mask".
+
+  The per-host batch is eval.batch_size / P rounded up to a multiple of
+  `local_devices`; every host yields the same number of batches. Crowd
+  instances are kept (flagged in "crowd"); nothing is flipped and the image
+  is resized with the last of `min_size`.
+
+  Yields:
+    the train_batches dict plus "mask" int32 [b] (1 = real example),
+    "image_id" int64 [b] (-1 for padding) and "orig_size" int32 [b, 2], the
+    (H, W) of the image as stored.
+  """
+  index, count = pipeline._process(process_index, process_count)
+  split = split or config.eval.split
+  s = settings(config)
+  builder = pipeline._builder(config)
+  sizes = [pipeline._num_examples(builder, part)
+           for part in tfds.even_splits(split, n=count, drop_remainder=False)]
+  if sum(sizes) == 0:
+    raise DataError(f"evaluation split {split!r} of {builder.name} is empty; "
+                    "check the dataset files or set eval.split")
+  per_host = math.ceil(config.eval.batch_size / count / local_devices) * local_devices
+  num_batches = math.ceil(max(sizes) / per_host)
+  mean, std = tuple(config.augment.mean), tuple(config.augment.std)
+
+  def prepare(example):
+    ex = select_instances(example, s.max_instances, drop_crowd=False)
+    orig_size = tf.shape(ex["image"])[:2]
+    out = eval_transform(ex, s, mean, std)
+    out["orig_size"] = orig_size
+    out["image_id"] = ex.get("image_id", tf.constant(-1, tf.int64))
+    out["mask"] = tf.constant(1, tf.int32)
+    return out
+
+  host_split = tfds.split_for_jax_process(split, process_index=index,
+                                          process_count=count)
+  ds = builder.as_dataset(split=host_split, shuffle_files=False)
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = num_batches * per_host - sizes[index]
+  if padding:  # Built from the static shapes: a host may have no example.
+    blank = {k: tf.zeros(v.shape, v.dtype) for k, v in ds.element_spec.items()}
+    blank["image_id"] = tf.constant(-1, tf.int64)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
+  yield from _checked(ds.batch(per_host), config)
+
+
+def _checked(ds, config):
+  """Iterates `ds` as numpy, naming data errors and checking class ids."""
+  iterator = ds.with_options(pipeline._options()).as_numpy_iterator()
+  num_classes = config.get("num_classes")
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:  # Raised by checks in the graph.
+      raise DataError(f"dataset {config.dataset}: {e.message.splitlines()[0]}") from e
+    classes = batch["classes"][batch["valid"]]
+    if num_classes and classes.size and classes.max() >= num_classes:
+      values = np.unique(classes[classes >= num_classes])[:10].tolist()
+      raise DataError(
+          f"dataset {config.dataset} has instance classes {values} (label + 1) "
+          f"but num_classes={num_classes}; for Mask R-CNN num_classes counts "
+          "the background: set it to the number of object classes + 1")
+    yield batch
