@@ -326,7 +326,7 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
       lambda seed, ex: train_transform(ex, seed, s, mean, std),
       start_step=start_step, process_index=process_index,
       process_count=process_count, split=split)
-  yield from _checked(ds, config)
+  yield from pipeline._checked(ds, config, _check_classes)
 
 
 def eval_batches(config, process_index=None, process_count=None, split=None,
@@ -374,25 +374,16 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
     blank = {k: tf.zeros(v.shape, v.dtype) for k, v in ds.element_spec.items()}
     blank["image_id"] = tf.constant(-1, tf.int64)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
-  yield from _checked(ds.batch(per_host), config)
+  yield from pipeline._checked(ds.batch(per_host), config, _check_classes)
 
 
-def _checked(ds, config):
-  """Iterates `ds` as numpy, naming data errors and checking class ids."""
-  iterator = ds.with_options(pipeline._options()).as_numpy_iterator()
+def _check_classes(batch, config):
+  """DataError for instance classes at or above num_classes (if set)."""
   num_classes = config.get("num_classes")
-  while True:
-    try:
-      batch = next(iterator)
-    except StopIteration:
-      return
-    except tf.errors.InvalidArgumentError as e:  # Raised by checks in the graph.
-      raise DataError(f"dataset {config.dataset}: {e.message.splitlines()[0]}") from e
-    classes = batch["classes"][batch["valid"]]
-    if num_classes and classes.size and classes.max() >= num_classes:
-      values = np.unique(classes[classes >= num_classes])[:10].tolist()
-      raise DataError(
-          f"dataset {config.dataset} has instance classes {values} (label + 1) "
-          f"but num_classes={num_classes}; for Mask R-CNN num_classes counts "
-          "the background: set it to the number of object classes + 1")
-    yield batch
+  classes = batch["classes"][batch["valid"]]
+  if num_classes and classes.size and classes.max() >= num_classes:
+    values = np.unique(classes[classes >= num_classes])[:10].tolist()
+    raise DataError(
+        f"dataset {config.dataset} has instance classes {values} (label + 1) "
+        f"but num_classes={num_classes}; for Mask R-CNN num_classes counts "
+        "the background: set it to the number of object classes + 1")

@@ -254,8 +254,11 @@ def _options():
   return options
 
 
-def _checked(ds, config):
-  """Iterates `ds` as numpy, checking labels and naming data errors."""
+def _checked(ds, config, check=None):
+  """Iterates `ds` as numpy, naming data errors; `check(batch, config)` (default:
+  semantic labels within [0, num_classes)) raises DataError for bad batches."""
+  check = check or (lambda batch, config: check_labels(
+      batch["label"], config.num_classes, config.dataset))
   iterator = ds.with_options(_options()).as_numpy_iterator()
   while True:
     try:
@@ -269,7 +272,7 @@ def _checked(ds, config):
             "for evaluation; set eval.image_size to at least the largest (h, w) "
             "(they are padded to it, padding ignored), or eval.batch_size=1") from e
       raise DataError(f"dataset {config.dataset}: {e.message.splitlines()[0]}") from e
-    check_labels(host_batch["label"], config.num_classes, config.dataset)
+    check(host_batch, config)
     yield host_batch
 
 
