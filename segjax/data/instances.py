@@ -63,12 +63,10 @@ number of batches, marks real examples in "mask" [B] and carries each one's
 original image for COCO evaluation.
 """
 import dataclasses
-import math
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from segjax.data import pipeline, transforms
 from segjax.errors import ConfigError, DataError
@@ -343,17 +341,7 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
     "image_id" int64 [b] (-1 for padding) and "orig_size" int32 [b, 2], the
     (H, W) of the image as stored.
   """
-  index, count = pipeline._process(process_index, process_count)
-  split = split or config.eval.split
   s = settings(config)
-  builder = pipeline._builder(config)
-  sizes = [pipeline._num_examples(builder, part)
-           for part in tfds.even_splits(split, n=count, drop_remainder=False)]
-  if sum(sizes) == 0:
-    raise DataError(f"evaluation split {split!r} of {builder.name} is empty; "
-                    "check the dataset files or set eval.split")
-  per_host = math.ceil(config.eval.batch_size / count / local_devices) * local_devices
-  num_batches = math.ceil(max(sizes) / per_host)
   mean, std = tuple(config.augment.mean), tuple(config.augment.std)
 
   def prepare(example):
@@ -365,16 +353,16 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
     out["mask"] = tf.constant(1, tf.int32)
     return out
 
-  host_split = tfds.split_for_jax_process(split, process_index=index,
-                                          process_count=count)
-  ds = builder.as_dataset(split=host_split, shuffle_files=False)
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  padding = num_batches * per_host - sizes[index]
-  if padding:  # Built from the static shapes: a host may have no example.
-    blank = {k: tf.zeros(v.shape, v.dtype) for k, v in ds.element_spec.items()}
-    blank["image_id"] = tf.constant(-1, tf.int64)
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
-  yield from pipeline._checked(ds.batch(per_host), config, _check_classes)
+  def blank(ds):  # From the static shapes: a host may have no example.
+    example = {k: tf.zeros(v.shape, v.dtype) for k, v in ds.element_spec.items()}
+    example["image_id"] = tf.constant(-1, tf.int64)
+    return example
+
+  ds = pipeline.evaluation_stream(config, prepare, blank, split=split,
+                                  process_index=process_index,
+                                  process_count=process_count,
+                                  local_devices=local_devices)
+  yield from pipeline._checked(ds, config, _check_classes)
 
 
 def _check_classes(batch, config):

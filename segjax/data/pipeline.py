@@ -184,6 +184,40 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
   Yields:
     dict: "image" float32 [b,h,w,3], "label" int32 [b,H,W], "mask" int32 [b].
   """
+  aug = config.augment
+  size = tuple(config.eval.get("image_size") or ()) or None
+  resize_to = tuple(config.eval.get("resize_to") or ()) or None
+
+  def prepare(example):
+    out = transforms.eval_transform(semantic_example(example), pad_size=size,
+                                    mean=tuple(aug.mean), std=tuple(aug.std))
+    if resize_to:  # The model sees this size; labels keep theirs (eval_step).
+      out["image"] = tf.image.resize(out["image"], resize_to, method="bilinear")
+    out["mask"] = tf.constant(1, tf.int32)
+    return out
+
+  def blank(ds):  # Padding examples: label all ignore, mask 0.
+    return {k: tf.zeros_like(v) if k != "label" else tf.fill(tf.shape(v), IGNORE)
+            for k, v in next(iter(ds.take(1))).items()}
+
+  ds = evaluation_stream(config, prepare, blank, split=split,
+                         process_index=process_index, process_count=process_count,
+                         local_devices=local_devices)
+  yield from _checked(ds, config)
+
+
+def evaluation_stream(config, prepare, blank, split=None, process_index=None,
+                      process_count=None, local_devices=1):
+  """This host's evaluation batches as a tf.data.Dataset (the stream of the
+  module docstring; also used for instance data).
+
+  Args:
+    prepare: tfds example -> example with a "mask" of 1.
+    blank: the prepared dataset -> one padding example (its "mask" 0), added
+      so that every host yields the same number of batches.
+    local_devices: the per-host batch, eval.batch_size / P, is rounded up to
+      a multiple of this.
+  """
   index, count = _process(process_index, process_count)
   split = split or config.eval.split
   builder = _builder(config)
@@ -194,29 +228,14 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
                     "check the dataset files or set eval.split")
   per_host = math.ceil(config.eval.batch_size / count / local_devices) * local_devices
   num_batches = math.ceil(max(sizes) / per_host)
-  aug = config.augment
-  size = tuple(config.eval.get("image_size") or ()) or None
-  resize_to = tuple(config.eval.get("resize_to") or ()) or None
-
-  def prepare(example):
-    out = transforms.eval_transform(example, pad_size=size, mean=tuple(aug.mean),
-                                    std=tuple(aug.std))
-    if resize_to:  # The model sees this size; labels keep theirs (eval_step).
-      out["image"] = tf.image.resize(out["image"], resize_to, method="bilinear")
-    out["mask"] = tf.constant(1, tf.int32)
-    return out
-
   host_split = tfds.split_for_jax_process(split, process_index=index,
                                           process_count=count)
   ds = builder.as_dataset(split=host_split, shuffle_files=False)
-  ds = ds.map(semantic_example).map(prepare)
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   padding = num_batches * per_host - sizes[index]
   if padding:
-    blank = tf.data.Dataset.from_tensors(
-        {k: tf.zeros_like(v) if k != "label" else tf.fill(tf.shape(v), IGNORE)
-         for k, v in next(iter(ds.take(1))).items()})
-    ds = ds.concatenate(blank.repeat(padding))
-  yield from _checked(ds.batch(per_host), config)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank(ds)).repeat(padding))
+  return ds.batch(per_host)
 
 
 def eval_examples(config, split=None, process_index=None, process_count=None):

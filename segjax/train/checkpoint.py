@@ -125,12 +125,12 @@ class Checkpoints:
     which steps exist (saving is collective).
     """
     source = os.path.join(self.directory, str(step))
-    target = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints",
-                          str(step))
+    target = base = os.path.join(os.path.dirname(self.directory),
+                                 "corrupt_checkpoints", str(step))
     suffix = 1
-    while os.path.exists(target if suffix == 1 else f"{target}.{suffix}"):
+    while os.path.exists(target):  # Keep an earlier bad copy of this step too.
       suffix += 1
-    target = target if suffix == 1 else f"{target}.{suffix}"
+      target = f"{base}.{suffix}"
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       shutil.move(source, target)

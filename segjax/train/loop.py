@@ -155,27 +155,24 @@ def train(config, workdir):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
   writer = MetricsWriter(workdir, trainer.primary)
-  state, start = trainer.initial_state(set_aside=True)
-  # Rows of steps after the checkpoint were written by a run that was cut
-  # short; the resumed run writes them again (as TensorBoard discards events
-  # past a restart's step).
-  writer.rewind(start)
-  if start >= config.train.steps:
-    progress.print(f"the checkpoint at step {start} already reaches train.steps="
-                   f"{config.train.steps}: nothing to train (raise "
-                   "--config.train.steps to continue, or run segjax eval)")
-    writer.close()
-    trainer.checkpoints.close()
-    return None
-  if start:
-    progress.print(f"resuming from checkpoint at step {start}")
   preempted = _PreemptionFlag(single_process=jax.process_count() == 1)
-  rng = trainer.par.put_replicated(trainer.rng)
   total = config.train.steps
-  batches = pipeline.train_batches(config, start_step=start)
-  pending, tick, last_log = [], time.time(), start
-  result = None
   try:
+    state, start = trainer.initial_state(set_aside=True)
+    # Rows of steps after the checkpoint were written by a run that was cut
+    # short; the resumed run writes them again (as TensorBoard discards
+    # events past a restart's step).
+    writer.rewind(start)
+    if start >= total:
+      progress.print(f"the checkpoint at step {start} already reaches train.steps="
+                     f"{total}: nothing to train (raise --config.train.steps to "
+                     "continue, or run segjax eval)")
+      return None
+    if start:
+      progress.print(f"resuming from checkpoint at step {start}")
+    rng = trainer.par.put_replicated(trainer.rng)
+    batches = pipeline.train_batches(config, start_step=start)
+    pending, tick, last_log = [], time.time(), start
     for step in range(start, total):
       state, step_metrics = trainer.train_fn(state, trainer.par.put_batch(next(batches)), rng)
       pending.append(step_metrics)
@@ -188,7 +185,7 @@ def train(config, workdir):
         writer.write(done, "train", values)
         progress.line(done, values)
       if done % config.eval.every_steps == 0 and done != total:
-        result = _evaluate(trainer, state, done, writer, progress)
+        _evaluate(trainer, state, done, writer, progress)
       if done % config.checkpoint.every_steps == 0:
         _check_finite(trainer, state, config)
         trainer.save(state)

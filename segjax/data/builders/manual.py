@@ -85,8 +85,9 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, *args, **kwargs):
     # tfds requires this method; these builders' split generators return
-    # `_examples(...)` generators instead.
-    raise NotImplementedError
+    # `_examples(...)` generators instead, so it is never called.
+    raise NotImplementedError(f"{type(self).__name__} yields examples from its "
+                              "split generators (ManualBuilder._examples)")
 
   def check_count(self, split: str, found: int, expected: int | None):
     """Logs a warning when a split does not have its official size, which
