@@ -9,9 +9,15 @@ as `model.apply(variables, images [N, H, W, 3], train=...)`, it returns a dict
 with "logits" [N, H, W, num_classes] float32 at the input resolution, plus
 optional extra heads. tests/models/test_contract.py checks every entry here.
 
+Instance segmentation models (Mask R-CNN's variants) are in DETECTORS: they
+take images and return detections (segjax.models.detection.mask_rcnn), so
+they have their own contract and their own train and eval steps;
+`task(name)` tells the two kinds apart and `build` builds either.
+
 To add a model, import its module and add one line to MODELS; size variants
 are `functools.partial`s of the same class.
 """
+import functools
 import inspect
 from typing import Any, Callable, Dict
 
@@ -31,6 +37,7 @@ from segjax.models import torchvision_seg
 from segjax.models import unet
 from segjax.models import unet3p
 from segjax.models import unet_pp
+from segjax.models.detection import mask_rcnn
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "unet": unet.UNet,
@@ -62,9 +69,29 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# Mask R-CNN variants: num_classes counts the background (91 for COCO).
+DETECTORS: Dict[str, Callable[..., nn.Module]] = {
+    name: functools.partial(mask_rcnn.build_mask_rcnn, name)
+    for name in mask_rcnn.VARIANTS}
+
+
 def available() -> list:
-  """Sorted names `build` accepts."""
-  return sorted(MODELS)
+  """Sorted names `build` accepts (semantic models and detectors)."""
+  return sorted(MODELS) + sorted(DETECTORS)
+
+
+def task(name: str) -> str:
+  """"semantic" for MODELS, "instance" for DETECTORS.
+
+  Raises:
+    ConfigError: for an unknown name.
+  """
+  if name in DETECTORS:
+    return "instance"
+  if name in MODELS:
+    return "semantic"
+  raise ConfigError(f"unknown model {name!r}; valid models are: "
+                    f"{', '.join(available())}.")
 
 
 def _options(constructor: Callable[..., Any]) -> tuple:
@@ -79,8 +106,8 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Constructs the model registered as `name`.
 
   Args:
-    name: a key of MODELS.
-    num_classes: number of output classes.
+    name: a key of MODELS or DETECTORS.
+    num_classes: number of output classes (detectors: background included).
     **kwargs: the model's options, e.g. base_width=32 for "unet". A string
       `dtype` ("bfloat16", "float32"), as configs hold it, becomes a dtype.
 
@@ -90,10 +117,7 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
   Raises:
     ConfigError: for an unknown name or option, or an invalid option value.
   """
-  if name not in MODELS:
-    raise ConfigError(f"unknown model {name!r}; valid models are: "
-                      f"{', '.join(available())}.")
-  constructor = MODELS[name]
+  constructor = (MODELS if task(name) == "semantic" else DETECTORS)[name]
   options = _options(constructor)
   if options is not None:
     unknown = sorted(set(kwargs) - set(options))
