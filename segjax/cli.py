@@ -84,11 +84,13 @@ def _load(args, overrides, need_workdir=True):
 
 
 def cmd_train(args, overrides):
+  from segjax import models
   from segjax.train import loop
   config = _load(args, overrides)
   result = loop.train(config, args.workdir)
-  if result is not None and _primary():
-    print(f"final validation mIoU: {result['miou']:.4f}")
+  if result and _primary():
+    print(f"final {config.eval.split}: "
+          f"{loop.summary_line(models.task(config.model), result)}")
 
 
 def cmd_eval(args, overrides):
@@ -98,6 +100,9 @@ def cmd_eval(args, overrides):
   trainer = loop.Trainer(config, args.workdir)
   state, step = _restore(trainer, args.step)
   split = args.split or config.eval.split
+  if trainer.task == "instance":
+    _eval_instances(trainer, state, step, split, args.workdir)
+    return
   options = config.eval
   if _primary():
     print(f"evaluating {split} at step {step}: {options.mode} inference, scales "
@@ -109,6 +114,23 @@ def cmd_eval(args, overrides):
           f"{result['pixel_accuracy']:.4f} | mean accuracy {result['mean_accuracy']:.4f}")
     names = ", ".join("nan" if v != v else f"{v:.3f}" for v in result["per_class_iou"])
     print(f"per-class IoU: {names}")
+
+
+def _eval_instances(trainer, state, step, split, workdir):
+  """COCO box and mask AP of a detector's checkpoint (segjax.train.detection)."""
+  from segjax.train import detection, loop
+  from segjax.train.logger import MetricsWriter
+  if _primary():
+    print(f"evaluating {split} at step {step}: COCO box and mask AP", flush=True)
+  result = trainer.evaluate(state, split=split, progress=_every_50)
+  MetricsWriter(workdir, _primary(), tensorboard=False).write(step, split, result)
+  if _primary():
+    print(f"{split} at step {step}: {loop.summary_line('instance', result)}")
+    ap = result["mask_per_class_ap"]
+    names = (detection.class_names(trainer.config) or
+             ["background"] + [f"class {k}" for k in range(1, len(ap) + 1)])
+    per_class = ", ".join(f"{n} {v:.3f}" for n, v in zip(names[1:], ap))
+    print(f"per-class mask AP: {per_class}")
 
 
 def _every_50(examples):

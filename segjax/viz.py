@@ -4,12 +4,16 @@ Everything here is numpy on the host: pass `np.asarray(x)` of a jax.Array or
 a tf.Tensor's `.numpy()`. Masks are class ids [H, W] with `ignore_index`
 (255 by default) for "not labelled"; ignored pixels are drawn white by
 `colorize` and left as the plain image by `overlay`, so they never pass for
-class 0 (black in the VOC palette).
+class 0 (black in the VOC palette). Detections (boxes, classes, scores and
+per-instance masks) are drawn by `draw_instances`; `instance_map` flattens
+their masks into one id map.
 """
 import os
 
 import numpy as np
 from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 from segjax import errors
 
@@ -84,16 +88,7 @@ def overlay(image, mask, colours=None, alpha: float = 0.5, *,
   """
   if not 0.0 <= alpha <= 1.0:
     raise errors.ConfigError(f"overlay: alpha={alpha} must be in [0, 1].")
-  image = np.asarray(image)
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = image[..., 0]
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
-  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise errors.DataError(
-        f"overlay: image must be uint8 [H, W, 3], got {image.dtype} "
-        f"{list(image.shape)}. Convert float images with "
-        "np.clip(x, 0, 255).astype(np.uint8) (undo normalisation first).")
+  image = _as_rgb(image, "overlay")
   mask = _as_mask(mask)
   if mask.shape != image.shape[:2]:
     raise errors.DataError(
@@ -145,6 +140,196 @@ def save_png(path, array, colours=None) -> None:
   if parent:
     os.makedirs(parent, exist_ok=True)
   image.save(path, format="PNG")
+
+
+def instance_map(masks, scores, score_thresh: float = 0.5, *,
+                 classes=None) -> np.ndarray:
+  """Flattens per-detection masks into one instance-id map.
+
+  Args:
+    masks: [D, H, W] bool (integers: nonzero is in; floats: >= 0.5 is in).
+    scores: [D] float detection scores.
+    score_thresh: detections with a lower score (or a NaN one) are left out.
+    classes: optional [D] int class ids; detections of class 0 (padding) are
+      left out too.
+
+  Returns:
+    int32 [H, W]: 0 where no kept detection covers the pixel, else i + 1 for
+    detection i. Where kept masks overlap the higher score wins (the lower
+    index on a tie). Write it with `save_png(path, ids.astype(np.uint8),
+    palette(256))` when D < 256: id i + 1 then has the colour that
+    `draw_instances` gives detection i by default.
+  """
+  masks, scores, keep = _instances(masks, scores, classes, score_thresh,
+                                   "instance_map")
+  ids = np.zeros(masks.shape[1:], np.int32)
+  for i in _draw_order(scores, keep):
+    ids[masks[i]] = i + 1
+  return ids
+
+
+def draw_instances(image, boxes, classes, scores, masks, class_names=None, *,
+                   score_thresh: float = 0.5, alpha: float = 0.5,
+                   colours=None) -> np.ndarray:
+  """Draws detections (masks, boxes and labels) over an image.
+
+  Each detection with score >= `score_thresh` and class > 0 gets its mask
+  blended in a colour of its own (per instance, not per class, so touching
+  objects of one class are told apart), its box outlined in that colour
+  (1 px, 2 px on images at least 128 px on the short side; boxes are clipped
+  to the image, and ones wholly outside or not finite get no outline) and a
+  label "name 0.93" on a patch of that colour at the box's top-left: just
+  above the box where there is room, else just inside it, shifted so it
+  stays in the image. Detections are drawn lowest score first, so the best
+  ones end on top; masks are blended once per pixel, in the colour of the
+  highest-scoring detection there (see `instance_map`).
+
+  Args:
+    image: uint8 [H, W, 3] (or [H, W] / [H, W, 1] grey) RGB image.
+    boxes: [D, 4] float (x1, y1, x2, y2), pixels; pixel column c spans
+      [c, c + 1), so (0, 0, W, H) is the whole image.
+    classes: [D] int class ids in 1..K; 0 is padding / no detection.
+    scores: [D] float scores.
+    masks: [D, H, W] bool, at the image's size (integers: nonzero is in;
+      floats: >= 0.5 is in).
+    class_names: sequence indexed by class id (index 0 = background), or
+      None; labels then show the id. Ids past its end also show the id.
+    score_thresh: detections scoring lower are not drawn.
+    alpha: weight of the instance colour in masks, in [0, 1].
+    colours: uint8 [M, 3] instance colours, detection i getting
+      colours[i % M]; default `palette(256)[1:]`, i.e. the colour of id i + 1
+      in the VOC palette, like `instance_map`'s ids written with
+      `save_png(..., palette(256))`.
+
+  Returns:
+    uint8 [H, W, 3], a new array; with nothing to draw, a copy of the image.
+
+  Raises:
+    DataError: on malformed inputs (shapes that disagree, masks of another
+      size than the image).
+    ConfigError: if alpha is outside [0, 1].
+  """
+  if not 0.0 <= alpha <= 1.0:
+    raise errors.ConfigError(
+        f"draw_instances: alpha={alpha} must be in [0, 1].")
+  image = _as_rgb(image, "draw_instances")
+  if np.size(scores) == 0:
+    return image.copy()
+  masks, scores, keep = _instances(masks, scores, classes, score_thresh,
+                                   "draw_instances")
+  num = len(scores)
+  boxes = np.asarray(boxes, np.float64)
+  if boxes.shape != (num, 4):
+    raise errors.DataError(
+        f"draw_instances: boxes must be [D, 4] (x1, y1, x2, y2) for the "
+        f"{num} scores, got {list(boxes.shape)}.")
+  classes = np.asarray(classes).reshape(-1).astype(np.int64)
+  if masks.shape[1:] != image.shape[:2]:
+    raise errors.DataError(
+        f"draw_instances: masks {list(masks.shape)} and image "
+        f"{list(image.shape[:2])} differ in size; paste / resize the masks "
+        "to the image first.")
+  if not keep.any():
+    return image.copy()
+  colours = (palette(256)[1:] if colours is None
+             else _as_palette(colours))
+  instance_colours = colours[np.arange(num) % len(colours)]
+
+  ids = instance_map(masks, scores, score_thresh, classes=classes)
+  covered = ids > 0
+  blended = image.astype(np.float32)
+  colour = instance_colours[ids[covered] - 1].astype(np.float32)
+  blended[covered] = (1.0 - alpha) * blended[covered] + alpha * colour
+  out = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+  height, width = image.shape[:2]
+  line = 2 if min(height, width) >= 128 else 1
+  draw = ImageDraw.Draw(out)
+  font = ImageFont.load_default()
+  for i in _draw_order(scores, keep):
+    rect = _pixel_box(boxes[i], width, height)
+    if rect is None:
+      continue
+    fill = tuple(int(v) for v in instance_colours[i])
+    draw.rectangle(rect, outline=fill, width=line)
+    c = int(classes[i])
+    name = (str(class_names[c]) if class_names is not None
+            and c < len(class_names) else str(c))
+    _label(draw, font, f"{name} {scores[i]:.2f}", rect, fill, width, height)
+  return np.asarray(out, np.uint8).copy()
+
+
+def _instances(masks, scores, classes, score_thresh, where):
+  """Checks masks [D, H, W] and scores [D]; returns (masks, scores, keep)."""
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  masks = np.asarray(masks)
+  if masks.ndim != 3 or len(masks) != len(scores):
+    raise errors.DataError(
+        f"{where}: masks must be [D, H, W] for the {len(scores)} scores, got "
+        f"{list(masks.shape)}.")
+  if np.issubdtype(masks.dtype, np.floating):
+    masks = masks >= 0.5
+  else:
+    masks = masks.astype(bool)
+  keep = scores >= score_thresh  # False for NaN.
+  if classes is not None:
+    classes = np.asarray(classes).reshape(-1)
+    if len(classes) != len(scores):
+      raise errors.DataError(
+          f"{where}: {len(classes)} classes for {len(scores)} scores; both "
+          "are [D].")
+    keep &= classes > 0
+  return masks, scores, keep
+
+
+def _draw_order(scores, keep):
+  """Kept indices, lowest score first; on a tie the lower index comes last."""
+  index = np.arange(len(scores))
+  order = np.lexsort((-index, scores))
+  return [int(i) for i in order if keep[i]]
+
+
+def _pixel_box(box, width, height):
+  """(x1, y1, x2, y2) pixels -> inclusive [left, top, right, bottom] in the
+  image, or None if the box is not finite or misses the image."""
+  if not np.isfinite(box).all():
+    return None
+  x1, y1, x2, y2 = box
+  left, top = max(np.floor(min(x1, x2)), 0), max(np.floor(min(y1, y2)), 0)
+  right = min(np.ceil(max(x1, x2)), width) - 1
+  bottom = min(np.ceil(max(y1, y2)), height) - 1
+  if right < left or bottom < top:
+    return None
+  return [int(left), int(top), int(right), int(bottom)]
+
+
+def _label(draw, font, text, rect, fill, width, height):
+  """Writes `text` on a `fill` patch at the top-left of inclusive `rect`."""
+  pad = 1
+  x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+  label_w, label_h = x1 - x0 + 2 * pad, y1 - y0 + 2 * pad
+  left, top = rect[0], rect[1]
+  y = top - label_h if top - label_h >= 0 else top
+  x = max(min(left, width - label_w), 0)
+  y = max(min(y, height - label_h), 0)
+  draw.rectangle([x, y, x + label_w - 1, y + label_h - 1], fill=fill)
+  luma = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
+  ink = (0, 0, 0) if luma > 128 else (255, 255, 255)
+  draw.text((x + pad - x0, y + pad - y0), text, fill=ink, font=font)
+
+
+def _as_rgb(image, where) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise errors.DataError(
+        f"{where}: image must be uint8 [H, W, 3], got {image.dtype} "
+        f"{list(image.shape)}. Convert float images with "
+        "np.clip(x, 0, 255).astype(np.uint8) (undo normalisation first).")
+  return image
 
 
 def _as_mask(mask) -> np.ndarray:

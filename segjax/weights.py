@@ -17,10 +17,10 @@ Hugging Face nvidia/mit-b*).
 then takes every tensor the checkpoint has and initialises the rest.
 `vgg16_into` / `resnet_into` put converted torchvision ImageNet backbones
 into a model's variables (the registry models with such a backbone are
-VGG_BACKBONES and RESNET_BACKBONES); `mit_into` puts Hugging Face's MiT
-encoders (nvidia/mit-b*) into the SegFormer models (MIT_BACKBONES);
-`vit_into` puts timm's ViTs (vit_base/large_patch16_384) into the SETR models
-(VIT_BACKBONES).
+VGG_BACKBONES and RESNET_BACKBONES, the four Mask R-CNN variants among
+them); `mit_into` puts Hugging Face's MiT encoders (nvidia/mit-b*) into the
+SegFormer models (MIT_BACKBONES); `vit_into` puts timm's ViTs
+(vit_base/large_patch16_384) into the SETR models (VIT_BACKBONES).
 """
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -87,7 +87,8 @@ def init_checkpoint(model: str, state_dict: Mapping[str, Any], num_classes: int,
 
   Returns:
     {"params": ..., "batch_stats": ...}: the whole model's variables, or
-    only the backbone subtree (the trainer initialises the heads).
+    only the backbone subtree (and the C4 Mask R-CNNs' res5, their ROI
+    head's share of the ResNet); the trainer initialises the rest.
   """
   model_kwargs = dict(model_kwargs or {})
   # A whole-model checkpoint carries the model's head; without it, the
@@ -98,13 +99,13 @@ def init_checkpoint(model: str, state_dict: Mapping[str, Any], num_classes: int,
   if whole:
     return convert.from_torch(model, state_dict, num_classes=num_classes, **model_kwargs)
   if model in RESNET_BACKBONES:
-    into, path = resnet_into, RESNET_BACKBONES[model]
+    into, paths = resnet_into, _resnet_paths(model)
   elif model in VGG_BACKBONES:
-    into, path = vgg16_into, VGG_BACKBONES[model][1]
+    into, paths = vgg16_into, (VGG_BACKBONES[model][1],)
   elif model in MIT_BACKBONES:
-    into, path = mit_into, ("backbone",)
+    into, paths = mit_into, (("backbone",),)
   elif model in VIT_BACKBONES:
-    into, path = vit_into, VIT_BACKBONES[model]
+    into, paths = vit_into, (VIT_BACKBONES[model],)
   else:
     backbones = (set(RESNET_BACKBONES) | set(VGG_BACKBONES) | set(MIT_BACKBONES)
                  | set(VIT_BACKBONES))
@@ -118,9 +119,10 @@ def init_checkpoint(model: str, state_dict: Mapping[str, Any], num_classes: int,
   filled = into(model, shapes, state_dict)
   out = {}
   for collection, tree in filled.items():
-    subtree = convert.tree_lookup(tree, path)
-    if subtree is not None:
-      convert.tree_set(out, (collection,) + tuple(path), subtree)
+    for path in paths:
+      subtree = convert.tree_lookup(tree, path)
+      if subtree is not None:
+        convert.tree_set(out, (collection,) + tuple(path), subtree)
   return out
 
 
@@ -226,7 +228,8 @@ def _to_dicts(tree):
 
 
 # Where torchvision's ImageNet ResNet weights go in the ResNet-based registry
-# models: model -> path of their backbones.resnet.ResNet subtree.
+# models: model -> path of their ResNet subtree (backbones.resnet.ResNet; in
+# the C4 Mask R-CNNs detection.c4.ResNetC4, the stem and layer1..3 only).
 RESNET_BACKBONES = {
     "deeplab_v2": ("backbone",),
     "deeplab_v3": ("backbone",),
@@ -235,8 +238,26 @@ RESNET_BACKBONES = {
     "deeplab_v3_resnet50": ("backbone",),
     "fcn_resnet101": ("backbone",),
     "deeplab_v3_resnet101": ("backbone",),
+    "mask_rcnn_r50_fpn": ("backbone", "body"),
+    "mask_rcnn_r101_fpn": ("backbone", "body"),
+    "mask_rcnn_r50_c4": ("backbone",),
+    "mask_rcnn_r101_c4": ("backbone",),
+}
+# Models that run the ResNet's last stage (torchvision's layer4) apart from
+# the backbone: model -> path of that stage's blocks (layer4_{b}). The C4
+# Mask R-CNNs run it as their ROI head, detection.c4.Res5Head.
+RESNET_LAST_STAGES = {
+    "mask_rcnn_r50_c4": ("res5",),
+    "mask_rcnn_r101_c4": ("res5",),
 }
 _RESNET_CONVERTERS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
+_LAST_STAGE = "layer4_"
+
+
+def _resnet_paths(name: str) -> Tuple[Tuple[str, ...], ...]:
+  """The params / batch_stats paths `resnet_into` fills in model `name`."""
+  last = RESNET_LAST_STAGES.get(name)
+  return (RESNET_BACKBONES[name],) + ((last,) if last else ())
 
 
 def _blocks_per_stage(names) -> Tuple[int, ...]:
@@ -267,6 +288,13 @@ def resnet_into(name: str, variables: Mapping[str, Any],
   torchvision's resnet50 / resnet101 the model takes follows from its
   blocks per stage; the model must have the default width (64).
 
+  Mask R-CNN (`models.build("mask_rcnn_r50_fpn", 91)` and its r101 / C4
+  variants): the ResNet is params/backbone/body in the FPN variants; the
+  C4 variants take conv1 .. layer3 into params/backbone and layer4 into
+  their ROI head, params/res5 (RESNET_LAST_STAGES). BatchNorm scales and
+  biases go to params, running means and variances to batch_stats, with
+  frozen_bn or without; FPN, RPN and ROI heads keep their values.
+
   Args:
     name: a key of RESNET_BACKBONES.
     variables: the model's variables (e.g. from init, or eval_shape).
@@ -285,12 +313,15 @@ def resnet_into(name: str, variables: Mapping[str, Any],
   if name not in RESNET_BACKBONES:
     raise ConfigError(f"resnet_into: {name!r} has no ResNet backbone; valid: "
                       f"{', '.join(sorted(RESNET_BACKBONES))}.")
-  path = RESNET_BACKBONES[name]
-  backbone = convert.tree_lookup(variables.get("params", {}), path)
-  if backbone is None:
-    raise CheckpointError(f"resnet_into: the variables have no params/"
-                          f"{'/'.join(path)}; pass {name!r}'s variables.")
-  stages = _blocks_per_stage(backbone)
+  paths = _resnet_paths(name)
+  names = []
+  for path in paths:
+    subtree = convert.tree_lookup(variables.get("params", {}), path)
+    if subtree is None:
+      raise CheckpointError(f"resnet_into: the variables have no params/"
+                            f"{'/'.join(path)}; pass {name!r}'s variables.")
+    names += list(subtree)
+  stages = _blocks_per_stage(names)
   if stages not in _RESNET_CONVERTERS:
     raise CheckpointError(
         f"resnet_into: {name!r}'s backbone has {stages} blocks per stage; "
@@ -298,16 +329,34 @@ def resnet_into(name: str, variables: Mapping[str, Any],
         "ResNet-101 (3, 4, 23, 3): build the model with one of those "
         "stage_sizes.")
   given = _blocks_per_stage(state_dict)
+  converter = _RESNET_CONVERTERS[stages]
+  if not any(given):
+    # E.g. a whole detection or segmentation checkpoint ("backbone.body.
+    # layer1.0...", "backbone.layer1.0..."), whose keys are prefixed.
+    example = next(iter(state_dict), None)
+    raise CheckpointError(
+        f"resnet_into: the state dict is not a torchvision ImageNet ResNet "
+        f"(no layer1.0.* keys; its first key is {example!r}); pass "
+        f"{converter}'s weights, e.g. torchvision.models.{converter}"
+        f"(weights=...).state_dict().")
   if given != stages:
     raise CheckpointError(
         f"resnet_into: the state dict has {given} blocks per stage but "
         f"{name!r}'s backbone has {stages}; pass "
-        f"{_RESNET_CONVERTERS[stages]}'s weights or build the model with "
+        f"{converter}'s weights or build the model with "
         f"stage_sizes={given}.")
-  converter = _RESNET_CONVERTERS[stages]
-  return _replace_subtree(f"resnet_into: {name!r}", variables,
-                          convert.from_torch(converter, state_dict), path, converter,
-                          "the default width (64)")
+  converted = convert.from_torch(converter, state_dict)
+  what, fix = f"resnet_into: {name!r}", "the default width (64)"
+  if name not in RESNET_LAST_STAGES:
+    return _replace_subtree(what, variables, converted, paths[0], converter, fix)
+  # The C4 split: layer4_* to the ROI head, the rest to the backbone.
+  out = variables
+  for path, last in zip(paths, (False, True)):
+    part = {collection: {k: v for k, v in tree.items()
+                         if k.startswith(_LAST_STAGE) == last}
+            for collection, tree in converted.items()}
+    out = _replace_subtree(what, out, part, path, converter, fix)
+  return out
 
 
 # Hugging Face's MiT encoders (nvidia/mit-b0 ... mit-b5) in the SegFormer

@@ -17,10 +17,10 @@ import numpy as np
 
 from segjax import config as config_lib
 from segjax import losses, metrics, models
-from segjax.data import pipeline
+from segjax.data import instances, pipeline
 from segjax.errors import ConfigError, TrainingError
 from segjax.train import checkpoint as ckpt_lib
-from segjax.train import optim, parallel, steps
+from segjax.train import detection, optim, parallel, steps
 from segjax.train.logger import MetricsWriter, Progress
 from segjax.train.state import TrainState, init_state
 
@@ -43,14 +43,18 @@ class Trainer:
     self.workdir = workdir
     self.par = parallel.Parallel(config.parallel.mode, parallel.make_mesh(devices))
     self.primary = jax.process_index() == 0
+    self.task = models.task(config.model)
     self.model = build_model(config, self.par.axis_name)
     self.tx, self.schedule = optim.make_optimizer(config.optimizer, config.train.steps)
+    if self.task == "instance":
+      self.tx = detection.frozen_aware(self.model, self.tx)
     self.checkpoints = ckpt_lib.Checkpoints(
         os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
         config.checkpoint.keep)
     self.rng = jax.random.PRNGKey(config.seed)
     self._train_fn = None
     self._eval_fn = None
+    self._detect_fn = None
 
   # --- state ---------------------------------------------------------------
   def initial_state(self, step=None, set_aside=False):
@@ -64,6 +68,8 @@ class Trainer:
       (device state, step it starts from).
     """
     image_shape = (*self.config.image_size, 3)
+    if self.task == "instance":  # Detector params do not depend on the size.
+      image_shape = (128, 128, 3)
     init = jax.jit(init_state, static_argnums=(0, 1, 3))
     host = init(self.model, self.tx, jax.random.fold_in(self.rng, 1), image_shape)
     host = jax.device_get(host)
@@ -89,6 +95,10 @@ class Trainer:
   # --- compiled steps ------------------------------------------------------
   @property
   def train_fn(self):
+    if self._train_fn is None and self.task == "instance":
+      self._train_fn = self.par.compile(
+          steps.instance_train_step, donate_first=True, model=self.model, tx=self.tx,
+          schedule=self.schedule)
     if self._train_fn is None:
       loss_fn = losses.make_loss(self.config.loss)
       self._train_fn = self.par.compile(
@@ -103,11 +113,29 @@ class Trainer:
           steps.eval_step, model=self.model, num_classes=self.config.num_classes)
     return self._eval_fn
 
-  def evaluate(self, state, split=None):
-    """Confusion matrix over the whole split -> `metrics.scores` dict."""
+  @property
+  def detect_fn(self):
+    if self._detect_fn is None:
+      self._detect_fn = self.par.compile(steps.detect_step, model=self.model)
+    return self._detect_fn
+
+  def train_batches(self, start_step):
+    """Host batches of the training steps from `start_step`, as the step reads them."""
+    if self.task == "instance":
+      return (detection.step_inputs(b, detection.TRAIN_KEYS)
+              for b in instances.train_batches(self.config, start_step=start_step))
+    return pipeline.train_batches(self.config, start_step=start_step)
+
+  def evaluate(self, state, split=None, progress=None):
+    """Scores of the whole split: `metrics.scores` (semantic: the confusion
+    matrix of batched inference at the eval size) or COCO AP (instance:
+    segjax.train.detection.evaluate). `progress` wraps the batch iterator."""
+    if self.task == "instance":
+      return detection.evaluate(self, state, split, progress)
     confusion = self.par.put_replicated(parallel.zeros_confusion(self.config.num_classes))
-    for batch in pipeline.eval_batches(self.config, split=split,
-                                       local_devices=len(self.par.local_devices)):
+    batches = pipeline.eval_batches(self.config, split=split,
+                                    local_devices=len(self.par.local_devices))
+    for batch in (progress(batches) if progress else batches):
       confusion = self.eval_fn(state, self.par.put_batch(batch), confusion)
     cm = self.par.fetch(confusion)
     result = metrics.scores(cm)
@@ -171,7 +199,7 @@ def train(config, workdir):
     if start:
       progress.print(f"resuming from checkpoint at step {start}")
     rng = trainer.par.put_replicated(trainer.rng)
-    batches = pipeline.train_batches(config, start_step=start)
+    batches = trainer.train_batches(start)
     pending, tick, last_log = [], time.time(), start
     for step in range(start, total):
       state, step_metrics = trainer.train_fn(state, trainer.par.put_batch(next(batches)), rng)
@@ -250,9 +278,15 @@ def _evaluate(trainer, state, step, writer, progress):
   result = trainer.evaluate(state)
   writer.write(step, trainer.config.eval.split, result)
   progress.print(f"eval {trainer.config.eval.split} at step {step}: "
-                 f"mIoU {result['miou']:.4f} | pixel acc {result['pixel_accuracy']:.4f}"
-                 f" | {time.time() - started:.1f}s")
+                 f"{summary_line(trainer.task, result)} | {time.time() - started:.1f}s")
   return result
+
+
+def summary_line(task, result):
+  """An evaluation's headline figures for the log."""
+  if task == "instance":
+    return detection.summary_line(result)
+  return f"mIoU {result['miou']:.4f} | pixel acc {result['pixel_accuracy']:.4f}"
 
 
 class _PreemptionFlag:

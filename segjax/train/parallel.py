@@ -113,6 +113,22 @@ class Parallel:
       return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x[0])), tree)
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
 
+  def gather(self, tree):
+    """Per-example outputs of a compiled step -> host numpy of the global batch.
+
+    Under jit the step's outputs are replicated global arrays; under pmap
+    each process holds its devices' [n, b, ...] and gathers the others'.
+    """
+    if self.mode == "jit":
+      return self.fetch(tree)
+    local = jax.tree_util.tree_map(
+        lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils
+    return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(
+        local, tiled=True))
+
   # --- compilation -------------------------------------------------------
   def compile(self, step_fn, donate_first=False, **static):
     """Compiles `step_fn(first, batch, other, **static)`.

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from segjax import metrics
+from segjax.models.detection import mask_rcnn
 from segjax.ops import resize
 
 
@@ -55,6 +56,23 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, schedule,
   grads, (loss, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
   grads = _psum(grads, axis_name)
   loss = _psum(loss * share, axis_name)
+  return apply_gradients(state, grads, loss, batch_stats, tx=tx, schedule=schedule)
+
+
+def apply_gradients(state, grads, loss, batch_stats, *, tx, schedule):
+  """The optimizer update of `grads`, applied only if everything is finite.
+
+  Args:
+    state: TrainState before the step.
+    grads: gradients of `loss` w.r.t. state.params (already reduced over
+      devices under pmap).
+    loss: float32 scalar, the step's loss.
+    batch_stats: the BatchNorm statistics after the step.
+
+  Returns:
+    (new state, metrics dict of float32 scalars: loss, grad_norm,
+    learning_rate, finite).
+  """
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -78,6 +96,70 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, schedule,
                       learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
                       finite=finite.astype(jnp.float32))
   return new_state, step_metrics
+
+
+def instance_train_step(state, batch, rng, *, model, tx, schedule, axis_name=None):
+  """One optimizer update of a detector (segjax.models.DETECTORS).
+
+  Args:
+    state: TrainState.
+    batch: segjax.data.instances' training batch: "image" [B,H,W,3],
+      "image_size" [B,2], "boxes" [B,G,4], "classes" [B,G], "masks"
+      [B,G,H,W], "valid" [B,G] (other keys are ignored).
+    rng: PRNG key shared by all steps; folded with the step for the anchor
+      and ROI samplers.
+    model, tx, schedule: static. Frozen params (mask_rcnn.trainable_mask)
+      get zero gradient inside the model and a zero update from `tx`.
+    axis_name: pmap axis name, or None under jit.
+
+  Returns:
+    (new state, metrics: apply_gradients' plus each of Mask R-CNN's losses,
+    loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg,
+    loss_mask).
+
+  Under jit the losses are normalised over the global batch, as one
+  torchvision process with the whole batch. Under pmap each device
+  normalises over its own images and gradients are averaged: torchvision's
+  DistributedDataParallel.
+  """
+  key = jax.random.fold_in(rng, state.step)
+  if axis_name:  # Different samples on each device.
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+  def objective(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    out, updates = mask_rcnn.train_losses(model, variables, batch, key)
+    return out["loss"], (out, updates.get("batch_stats", state.batch_stats))
+
+  grads, (parts, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+  if axis_name:
+    grads = jax.lax.pmean(grads, axis_name)
+    parts = jax.lax.pmean(parts, axis_name)
+  new_state, step_metrics = apply_gradients(state, grads, parts.pop("loss"), batch_stats,
+                                            tx=tx, schedule=schedule)
+  return new_state, {**step_metrics, **parts}
+
+
+def detect_step(state, batch, *, model, axis_name=None):
+  """Detections of an evaluation batch, in the canvas frame (no pasting).
+
+  Args:
+    state: TrainState.
+    batch: "image" [B,H,W,3] and "image_size" [B,2] int32 (the resized
+      image within the canvas); other keys are passed through.
+    axis_name: unused (pmap calls every step with it).
+
+  Returns:
+    The batch's "image_size", "image_id", "orig_size" and "mask" with the
+    detector's "boxes" [B,D,4], "scores" [B,D], "classes" [B,D], "valid"
+    [B,D] and "mask_probs" [B,D,M,M] (each in its box's frame).
+  """
+  del axis_name
+  dets = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                     batch["image"], batch["image_size"], train=False, paste=False)
+  passed = {k: batch[k] for k in ("image_size", "image_id", "orig_size", "mask")
+            if k in batch}
+  return {**passed, **dets}
 
 
 def eval_step(state, batch, confusion, *, model, num_classes, ignore_index=255,

@@ -99,6 +99,10 @@ class MaskRCNNNetworks(nn.Module):
     dtype: compute dtype; params and BN statistics stay float32, logits and
       deltas come out float32.
     bn_axis_name: pmap axis for synchronised BN (only without frozen_bn).
+    anchor_sizes: per RPN level, anchor sizes replacing the layout's
+      (detectron2's ANCHOR_GENERATOR.SIZES), e.g. ((16,), (32,), (64,),
+      (128,), (256,)) for small images; None keeps the layout's. The
+      count per level must stay the layout's (the RPN head's outputs).
   """
   num_classes: int = 91
   layout: str = "fpn"
@@ -112,11 +116,19 @@ class MaskRCNNNetworks(nn.Module):
   roi_impl: str = "gather"
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  anchor_sizes: Optional[Tuple[Tuple[float, ...], ...]] = None
 
   def __post_init__(self):
     if self.layout not in LAYOUTS:
       raise ConfigError(f"mask r-cnn: unknown layout {self.layout!r}; "
                         f"choose one of {', '.join(sorted(LAYOUTS))}.")
+    if self.anchor_sizes is not None:
+      default = LAYOUTS[self.layout].anchor_sizes
+      if [len(s) for s in self.anchor_sizes] != [len(s) for s in default]:
+        raise ConfigError(
+            f"mask r-cnn: anchor_sizes={self.anchor_sizes} must have "
+            f"{len(default)} level(s) of {[len(s) for s in default]} sizes, as "
+            f"the {self.layout!r} layout's {default}.")
     if self.num_classes < 2:
       raise ConfigError(f"mask r-cnn: num_classes counts the background and "
                         f"must be >= 2, got {self.num_classes}.")
@@ -124,7 +136,10 @@ class MaskRCNNNetworks(nn.Module):
 
   @property
   def spec(self) -> Layout:
-    return LAYOUTS[self.layout]
+    spec = LAYOUTS[self.layout]
+    if self.anchor_sizes is None:
+      return spec
+    return spec._replace(anchor_sizes=tuple(tuple(s) for s in self.anchor_sizes))
 
   def setup(self):
     spec = self.spec

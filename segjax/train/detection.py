@@ -1,0 +1,154 @@
+"""What training and evaluating a detector adds to the loop: frozen params,
+the inputs a step needs, and COCO evaluation at the original resolution.
+
+Evaluation follows torchvision's reference (references/detection): the
+detector runs on the resized, padded canvas; each detection's box is scaled
+back to the image as stored (`transform.postprocess`) and its M x M mask
+probabilities are pasted there and thresholded at 0.5; pycocotools then
+scores boxes and masks against the ground truth at that resolution, crowd
+regions included. Every host runs the compiled detection step on its share;
+the detections come back to every host (the step's outputs are replicated)
+and process 0 reads the split's ground truth and scores.
+"""
+import functools
+import math
+
+import jax
+import numpy as np
+import optax
+import tensorflow as tf
+
+from segjax import coco_eval
+from segjax.data import instances, pipeline
+from segjax.errors import DataError
+from segjax.models.detection import mask_rcnn, postprocess
+
+# The keys of an instance batch the compiled steps read; the rest (crowd,
+# num_dropped, int64 ids) stays on the host.
+TRAIN_KEYS = ("image", "image_size", "boxes", "classes", "masks", "valid")
+EVAL_KEYS = ("image", "image_size", "orig_size", "mask", "image_id")
+# Original-size frames are rounded up to this many pixels per side before
+# pasting, so that a dataset of many image sizes compiles a few paste shapes.
+PASTE_BUCKET = 128
+# Ground truth rows read per image: all of them (COCO has at most a few
+# hundred, crowds included).
+_ALL_INSTANCES = 100_000
+
+
+def frozen_aware(model, tx):
+  """`tx` for the params that train; zero updates (and no optimizer state)
+  for those `mask_rcnn.trainable_mask` freezes, so weight decay cannot move
+  them either."""
+  def labels(params):
+    return jax.tree_util.tree_map(lambda t: "train" if t else "frozen",
+                                  mask_rcnn.trainable_mask(model, params))
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def step_inputs(batch, keys):
+  """The host batch's arrays the step reads (ids as int32, as jax keeps them)."""
+  out = {k: batch[k] for k in keys if k in batch}
+  if "image_id" in out:
+    out["image_id"] = out["image_id"].astype(np.int32)
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _paste(mask_probs, boxes, valid, frame, image_size):
+  return postprocess.paste_masks(mask_probs, boxes, frame, image_size, valid)
+
+
+def to_original(detections, image_size, orig_size):
+  """One image's detections in the canvas frame -> the stored image's frame.
+
+  Args:
+    detections: numpy "boxes" [D,4], "scores" [D], "classes" [D], "valid"
+      [D], "mask_probs" [D,M,M] (segjax.train.steps.detect_step, one image).
+    image_size: (h, w) of the resized image on the canvas.
+    orig_size: (H, W) of the image as stored.
+
+  Returns:
+    "boxes" [n,4] float32 (x1, y1, x2, y2) in original pixels, "scores"
+    [n], "classes" [n] int32 and "masks" [n,H,W] bool, for the n valid
+    detections, best first.
+  """
+  (h, w), (big_h, big_w) = (int(x) for x in image_size), (int(x) for x in orig_size)
+  scale = np.array([big_w / w, big_h / h, big_w / w, big_h / h], np.float32)
+  boxes = detections["boxes"].astype(np.float32) * scale
+  frame = tuple(math.ceil(x / PASTE_BUCKET) * PASTE_BUCKET for x in (big_h, big_w))
+  masks = np.asarray(_paste(detections["mask_probs"], boxes, detections["valid"], frame,
+                            np.array([big_h, big_w], np.int32)))
+  keep = np.asarray(detections["valid"], bool)
+  return {"boxes": boxes[keep], "scores": detections["scores"][keep],
+          "classes": detections["classes"][keep].astype(np.int32),
+          "masks": masks[keep, :big_h, :big_w]}
+
+
+def ground_truth(config, split):
+  """Yields each image of the split at its stored size, crowds included.
+
+  Yields:
+    dict: "image_id" int, "height", "width", "boxes" [G,4] float32,
+    "classes" [G] int32 (label + 1), "masks" [G,H,W] uint8, "crowd" [G] bool.
+  """
+  builder = pipeline._builder(config)
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  if "image_id" not in ds.element_spec:
+    raise DataError(f"dataset {config.dataset} has no image_id feature; COCO "
+                    "evaluation matches detections to ground truth by it")
+  ds = ds.map(lambda ex: instances.select_instances(ex, _ALL_INSTANCES, drop_crowd=False),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  for ex in pipeline._checked(ds.prefetch(2), config, lambda *_: None):
+    height, width = ex["image"].shape[:2]
+    yield {"image_id": int(ex["image_id"]), "height": height, "width": width,
+           "boxes": ex["boxes"], "classes": ex["classes"], "masks": ex["masks"],
+           "crowd": ex["crowd"]}
+
+
+def class_names(config):
+  """The dataset's object class names, index 0 "background" (None if unknown)."""
+  try:
+    names = pipeline._builder(config).info.features["objects"]["label"].names
+  except (KeyError, AttributeError, TypeError):
+    return None
+  return ["background", *names]
+
+
+def evaluate(trainer, state, split=None, progress=None):
+  """COCO box and mask AP of the split (coco_eval.CocoEvaluator.summary keys).
+
+  Every process must call it (the detection step is collective); the scores
+  are computed on process 0, other processes return {}.
+  """
+  config = trainer.config
+  split = split or config.eval.split
+  primary = jax.process_index() == 0
+  evaluator = coco_eval.CocoEvaluator(config.num_classes, class_names(config))
+  batches = instances.eval_batches(config, split=split,
+                                   local_devices=len(trainer.par.local_devices))
+  if progress is not None:
+    batches = progress(batches)
+  for batch in batches:
+    out = trainer.par.gather(trainer.detect_fn(
+        state, trainer.par.put_batch(step_inputs(batch, EVAL_KEYS))))
+    if not primary:
+      continue
+    for i in np.flatnonzero(out["mask"]):
+      one = {k: out[k][i] for k in ("boxes", "scores", "classes", "valid", "mask_probs")}
+      dets = to_original(one, out["image_size"][i], out["orig_size"][i])
+      evaluator.add_detections(int(out["image_id"][i]), dets["boxes"], dets["scores"],
+                               dets["classes"], dets["masks"])
+  if not primary:
+    return {}
+  for gt in ground_truth(config, split):
+    evaluator.add_ground_truth(gt["image_id"], gt["height"], gt["width"], gt["boxes"],
+                               gt["classes"], gt["masks"], gt["crowd"])
+  return evaluator.summary()
+
+
+def summary_line(result):
+  """The headline figures of `evaluate`'s result, for the log."""
+  if not result:
+    return ""
+  return (f"mask AP {result['mask_ap']:.4f} | mask AP50 {result['mask_ap50']:.4f} | "
+          f"box AP {result['box_ap']:.4f} | box AP50 {result['box_ap50']:.4f}")
