@@ -39,10 +39,10 @@ def get_config(mode=""):
   c.instances = ml_collections.ConfigDict(dict(
       max_instances=8, min_size=(128,), max_size=128, canvas=(128, 128),
       size_divisibility=32, flip=True, drop_crowd=True))
-  c.train.update(steps=1500, batch_size=8, log_every_steps=25)
+  c.train.update(steps=1000, batch_size=8, log_every_steps=25)
   c.optimizer.update(name="adamw", learning_rate=2e-3, schedule="cosine",
                      warmup_steps=100, weight_decay=1e-4, grad_clip_norm=10.0)
-  c.eval.update(every_steps=500, batch_size=20)
+  c.eval.update(every_steps=250, batch_size=20)
   c.checkpoint.every_steps = 500
   c = apply_mode(c, mode)
   if mode == "tiny":

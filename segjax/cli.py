@@ -38,7 +38,8 @@ def _parser():
   ev.add_argument("--split", help="split to evaluate (default: eval.split)")
   ev.add_argument("--step", type=int, help="checkpoint step (default: newest)")
   pr = sub.add_parser("predict", parents=[common],
-                      help="colour-coded masks and overlays for image files")
+                      help="colour-coded masks and overlays (detectors: instance masks, "
+                      "boxes and labels) for image files")
   pr.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
   pr.add_argument("--output", required=True, help="directory for the PNGs")
   pr.add_argument("--step", type=int, help="checkpoint step (default: newest)")
@@ -163,7 +164,11 @@ def cmd_predict(args, overrides):
   config = _load(args, overrides)
   trainer = loop.Trainer(config, args.workdir)
   state, step = _restore(trainer, args.step)
-  written = inference.predict_files(trainer, state, args.images, args.output)
+  if trainer.task == "instance":
+    from segjax.train import detection
+    written = detection.predict_files(trainer, state, args.images, args.output)
+  else:
+    written = inference.predict_files(trainer, state, args.images, args.output)
   print(f"wrote {len(written)} files for {len(args.images)} image(s) to "
         f"{args.output} (checkpoint step {step})")
 

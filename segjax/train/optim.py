@@ -6,10 +6,14 @@ from segjax.errors import ConfigError
 
 
 def make_schedule(opt, total_steps):
-  """Learning rate per step: linear warmup, then constant, poly or cosine.
+  """Learning rate per step: linear warmup, then constant, poly, cosine or step.
 
   `poly` is DeepLab's lr * (1 - t/T)^power; `cosine` decays to
-  lr * end_factor. Both count t from the end of the warmup.
+  lr * end_factor. Both count t from the end of the warmup. `step` is
+  Detectron's multi-step schedule: lr times decay_factor (0.1) at each of
+  `milestones`, absolute step numbers (Mask R-CNN's 1x: 60k and 80k of
+  90k). The warmup rises linearly from lr / warmup_steps (Detectron's
+  warmup factor 0.001 for its 1000 steps).
   """
   lr = opt.learning_rate
   warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
@@ -21,9 +25,17 @@ def make_schedule(opt, total_steps):
     main = optax.polynomial_schedule(lr, end, opt.get("poly_power", 0.9), decay_steps)
   elif opt.schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, decay_steps, alpha=opt.get("end_factor", 0.0))
+  elif opt.schedule == "step":
+    milestones = sorted(int(m) for m in opt.get("milestones", ()))
+    if not milestones or milestones[0] <= warmup:
+      raise ConfigError(f"optimizer.schedule 'step' needs optimizer.milestones, step "
+                        f"numbers after the warmup ({warmup}), e.g. (60000, 80000); "
+                        f"got {tuple(opt.get('milestones', ()))}")
+    factor = opt.get("decay_factor", 0.1)
+    main = optax.piecewise_constant_schedule(lr, {m - warmup: factor for m in milestones})
   else:
     raise ConfigError(f"optimizer.schedule {opt.schedule!r} is unknown; use "
-                      "'constant', 'poly' or 'cosine'")
+                      "'constant', 'poly', 'cosine' or 'step'")
   if warmup == 0:
     return main
   return optax.join_schedules(

@@ -1,4 +1,6 @@
-"""train_step and eval_step: pure top-level functions.
+"""The compiled steps, pure top-level functions: train_step and eval_step
+for semantic models, instance_train_step and detect_step for detectors,
+sharing apply_gradients (the optimizer update and its NaN/Inf guard).
 
 Both are compiled by `segjax.train.parallel` either with `jax.jit` over a
 device mesh (default: arrays are global, so means, gradients and BatchNorm

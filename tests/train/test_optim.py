@@ -41,3 +41,22 @@ def test_lr_mult_of_a_missing_module_names_the_modules():
   tx, _ = optim.make_optimizer(sgd_config(lr_mult={"head": 10.0}), 100)
   with pytest.raises(ConfigError, match="backbone"):
     tx.init({"backbone": {"w": jnp.ones(2)}})
+
+
+def test_step_schedule_is_detectrons_multistep_with_warmup():
+  # Mask R-CNN 1x in miniature: warmup 10 from lr/10, x0.1 at 60 and 80.
+  lr, warmup = 0.02, 10
+  _, schedule = optim.make_optimizer(sgd_config(
+      learning_rate=lr, schedule="step", warmup_steps=warmup, milestones=(60, 80)), 90)
+  def detectron(t):  # WarmupMultiStepLR, warmup factor 1/warmup, linear
+    factor = 1.0 if t >= warmup else (1 / warmup) * (1 - t / warmup) + t / warmup
+    return lr * factor * 0.1 ** sum(t >= m for m in (60, 80))
+  for t in (0, 5, 9, 10, 59, 60, 79, 80, 89):
+    np.testing.assert_allclose(float(schedule(t)), detectron(t), rtol=1e-5, err_msg=str(t))
+
+
+def test_step_schedule_needs_milestones_after_the_warmup():
+  for milestones in ((), (5, 60)):
+    with pytest.raises(ConfigError, match="milestones"):
+      optim.make_optimizer(sgd_config(schedule="step", warmup_steps=10,
+                                      milestones=milestones), 90)

@@ -1,0 +1,49 @@
+"""Mask R-CNN ResNet-50-FPN on COCO 2017: the paper's 1x schedule.
+
+    segjax convert --model mask_rcnn_r50_fpn --num_classes 81 \
+        --weights resnet50-0676ba61.pth --output init/r50_coco
+    segjax train --config configs/mask_rcnn_r50_fpn_coco.py --workdir workdir/mask_rcnn_coco \
+        --config.init_from=init/r50_coco
+
+As torchvision's maskrcnn_resnet50_fpn and Detectron's 1x recipe: an
+ImageNet-initialised ResNet-50 with frozen BatchNorm and conv1 + layer1
+frozen (3 trainable stages), images resized to 800 on the short side and at
+most 1333 on the long one with random horizontal flips, 512 sampled ROIs
+and 2000 proposals per image in training, 90k steps of batch 16 with SGD
+(lr 0.02, momentum 0.9, weight decay 1e-4, 1000 warmup steps, x0.1 at 60k
+and 80k). Evaluation: COCO box and mask AP on val2017 with pycocotools.
+
+Static shapes: every image sits on a 1344 x 1344 canvas (either
+orientation fits) with up to 100 instances (COCO train2017 has at most 93
+non-crowd ones per image). Detectron pads each batch only to its largest
+image, so it computes less on landscape-only batches; the fixed canvas is
+what lets one compiled step serve every batch. Mask targets take 100 x
+1344^2 bytes per image on the host: lower instances.max_instances or the
+batch for small hosts.
+
+Where the dataset comes from: segjax.data.builders.coco (coco_instances,
+built from the official zip files under the tfds manual dir). The 80
+classes are contiguous (label + 1 = class, 0 = background), so
+num_classes is 81; torchvision's COCO checkpoints use the 91 COCO ids.
+"""
+import ml_collections
+
+from segjax.config import apply_mode, base_config
+
+
+def get_config(mode=""):
+  c = base_config("coco")
+  c.model = "mask_rcnn_r50_fpn"
+  c.model_kwargs = ml_collections.ConfigDict(dict(frozen_bn=True,
+                                                  trainable_backbone_layers=3))
+  c.instances = ml_collections.ConfigDict(dict(
+      max_instances=100, min_size=(800,), max_size=1333, canvas=(1344, 1344),
+      size_divisibility=32, flip=True, drop_crowd=True))
+  c.optimizer.grad_clip_norm = 0.0  # Detectron clips nothing.
+  c = apply_mode(c, mode)
+  if mode == "tiny":
+    c.image_size = c.instances.canvas = (64, 64)
+    c.instances.update(min_size=(64,), max_size=64, max_instances=8)
+    c.optimizer.milestones = (3,)
+    c.optimizer.warmup_steps = 1
+  return c
