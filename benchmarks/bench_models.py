@@ -1,8 +1,20 @@
 """Every registered model: parameters, GFLOPs, train-step and inference throughput.
 
-    python benchmarks/bench_models.py                          # 512x512, batch 8, all models
+    python benchmarks/bench_models.py                          # 512x512, batch 8, semantic models
     python benchmarks/bench_models.py --models fcn8s,segnet --size 256 --batch 2 --runs 3
     python benchmarks/bench_models.py --dtype bfloat16 --out bench_models.json
+
+Detectors (models.task(name) == "instance", the Mask R-CNN variants) run
+when named or with --detectors, at their own defaults: 800x1333 images on an
+800x1344 canvas (divisible by 32), batch 2, 91 classes (COCO, background
+included), 20 synthetic ground-truth instances per image:
+
+    python benchmarks/bench_models.py --detectors --runs 3     # all four variants
+    python benchmarks/bench_models.py --models mask_rcnn_r50_fpn --runs 3 --out mrcnn.json
+    python benchmarks/bench_models.py --models mask_rcnn_r50_fpn --size 128,128 --batch 1 --runs 1
+
+(--size H,W sets a detector's canvas, the images filling it; --batch and
+--classes override their defaults too.)
 
 For each model (paper defaults, `num_classes` 21): parameter count, GFLOPs of
 one inference and of one SGD train step (XLA cost analysis of the compiled
@@ -13,18 +25,43 @@ exists (TORCH_ORIGINALS: torchvision's fcn_resnet50 / deeplabv3_resnet50,
 Hugging Face's SegformerForSemanticSegmentation for segformer_b*) and its
 library is importable, it is timed in the same run and the ratio printed.
 --flops-only skips the timing (what XLA counts needs only compilation).
+
+A detector row times the jit-compiled detector as a user calls it
+(`model.apply(variables, images, image_size, paste=True)`: post-processed
+detections with masks pasted into the canvas) and a train step (the five
+losses of mask_rcnn.train_losses, their gradient and an SGD momentum 0.9
+update of the params `mask_rcnn.trainable_mask` trains, the frozen ones
+untouched), compiled with the state donated. Settings are the variants'
+defaults: torchvision's (2000 / 1000 proposals per image in train / test,
+256 anchors and 512 rois sampled, 100 detections; C4: Detectron's 12000 /
+6000 pre-NMS candidates), frozen BatchNorm and the top 3 ResNet stages
+trained. Ground truth: boxes of 16-400 pixels a side (log-uniform, fixed
+seed) with box-shaped masks, random classes. For mask_rcnn_r50_fpn, where
+torchvision is importable, torchvision's maskrcnn_resnet50_fpn is timed on
+the same images and targets in train (SGD momentum step, loss sum) and eval
+mode: built as that function builds it for fine-tuning (FrozenBatchNorm2d,
+trainable_backbone_layers=3, as segjax's defaults; weights=None and
+weights_backbone=None alone would switch torchvision to trainable
+BatchNorm and all five stages), no weights downloaded, min_size / max_size
+set to the image size so its transform does not rescale. torch_ratio and
+torch_infer_ratio are torchvision's seconds over segjax's (> 1: segjax is
+faster).
 """
 import argparse
 import ast
 import json
+import os
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from segjax import losses, models
+from segjax.models.detection import mask_rcnn
 from segjax.train import optim, steps
 from segjax.train.state import init_state
 
@@ -87,22 +124,44 @@ def parse_spec(spec):
   return name, kwargs
 
 
+def settings(task, args):
+  """(canvas (H, W), image (h, w), batch, classes) of a task's rows.
+
+  --size / --batch / --classes override the defaults: semantic models
+  512x512, batch 8, 21 classes; detectors 800x1333 images on an 800x1344
+  canvas, batch 2, 91 classes (background included). A given --size is the
+  whole input (the canvas, which a detector's images fill).
+  """
+  detector = task == "instance"
+  if args.size:
+    canvas = tuple(int(v) for v in str(args.size).split(","))
+    canvas = canvas * 2 if len(canvas) == 1 else canvas
+    image = canvas
+  else:
+    canvas, image = ((800, 1344), (800, 1333)) if detector else ((512, 512), (512, 512))
+  batch = args.batch or (2 if detector else 8)
+  classes = args.classes or (91 if detector else 21)
+  return canvas, image, batch, classes
+
+
 def bench_model(spec, args):
   """One row: the model's size, FLOPs and timings."""
   name, options = parse_spec(spec)
-  model = models.build(name, args.classes, dtype=getattr(jnp, args.dtype), **options)
+  if models.task(name) == "instance":
+    return bench_detector(name, options, spec, args)
+  (height, width), _, n, classes = settings("semantic", args)
+  model = models.build(name, classes, dtype=getattr(jnp, args.dtype), **options)
   opt = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.01, schedule="constant", warmup_steps=0,
       weight_decay=0.0, momentum=0.9, grad_clip_norm=0.0))
   tx, schedule = optim.make_optimizer(opt, 1000)
-  shape = (args.size, args.size, 3)
+  shape = (height, width, 3)
   state = jax.jit(init_state, static_argnums=(0, 1, 3))(model, tx, jax.random.PRNGKey(0),
                                                           shape)
   params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.normal(size=(args.batch, *shape)).astype(np.float32)),
-           "label": jnp.asarray(rng.integers(0, args.classes, (args.batch, args.size,
-                                                                args.size)).astype(np.int32))}
+  batch = {"image": jnp.asarray(rng.normal(size=(n, *shape)).astype(np.float32)),
+           "label": jnp.asarray(rng.integers(0, classes, (n, height, width)).astype(np.int32))}
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   infer = lambda v, x: model.apply(v, x, train=False)["logits"]
   infer_c, infer_compile, infer_gflops = compile_jax(infer, variables, batch["image"])
@@ -110,7 +169,8 @@ def bench_model(spec, args):
                                            loss_fn=losses.make_loss("cross_entropy"))
   key = jax.random.PRNGKey(1)
   train_c, train_compile, train_gflops = compile_jax(train, state, batch, key)
-  row = dict(model=spec, params_m=params / 1e6, infer_gflops=infer_gflops,
+  row = dict(model=spec, task="semantic", input=f"{height}x{width}", batch=n,
+             params_m=params / 1e6, infer_gflops=infer_gflops,
              train_gflops=train_gflops, compile_s=infer_compile + train_compile)
   if args.flops_only:
     return row
@@ -124,7 +184,7 @@ def bench_model(spec, args):
 
   train_s = median_time(train_once, args.runs, args.warmup)
   peak = peak_flops(jax.devices()[0], args.dtype)
-  row.update(infer_images_per_sec=args.batch / infer_s, train_images_per_sec=args.batch / train_s,
+  row.update(infer_images_per_sec=n / infer_s, train_images_per_sec=n / train_s,
              train_step_s=train_s, peak_memory_mb=peak_memory_mb()[0],
              mfu=train_gflops * 1e9 / train_s / peak if peak else None)
   # The PyTorch originals are built with their default options only.
@@ -139,6 +199,8 @@ def bench_torch(name, args):
   """Train-step seconds of the PyTorch original, or None."""
   if name not in TORCH_ORIGINALS or args.no_torch:
     return None
+  (height, width), _, n, classes = settings("semantic", args)
+  args = argparse.Namespace(**{**vars(args), "classes": classes})
   try:
     import torch
     net, logits_of = TORCH_ORIGINALS[name](name, args)
@@ -148,15 +210,14 @@ def bench_torch(name, args):
   device = torch.device("cuda" if gpu else "cpu")
   net = net.to(device).to(memory_format=torch.channels_last).train()
   opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-  image = torch.randn(args.batch, 3, args.size, args.size, device=device).to(
-      memory_format=torch.channels_last)
-  label = torch.randint(0, args.classes, (args.batch, args.size, args.size), device=device)
+  image = torch.randn(n, 3, height, width, device=device).to(memory_format=torch.channels_last)
+  label = torch.randint(0, classes, (n, height, width), device=device)
   dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
 
   def step():
     opt.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-      logits = logits_of(net(image), (args.size, args.size))
+      logits = logits_of(net(image), (height, width))
       loss = torch.nn.functional.cross_entropy(logits.float(), label)
     loss.backward()
     opt.step()
@@ -166,19 +227,199 @@ def bench_torch(name, args):
   return median_time(step, args.runs, max(args.warmup, 1))  # cuDNN autotuning
 
 
+def synthetic_instances(n, canvas, image, classes, instances, seed=0):
+  """A detector batch (mask_rcnn.train_losses' layout) of random data.
+
+  Images: normal noise in each image's h x w, zeros in the canvas padding.
+  Ground truth: `instances` boxes per image, sides log-uniform in 16..400
+  pixels (at most the image's), uniformly placed inside the image, with
+  box-shaped masks and classes in 1..classes-1. Numpy arrays, fixed seed.
+  """
+  rng = np.random.default_rng(seed)
+  (height, width), (h, w) = canvas, image
+  images = np.zeros((n, height, width, 3), np.float32)
+  images[:, :h, :w] = rng.normal(size=(n, h, w, 3))
+  sides = np.exp(rng.uniform(np.log(16), np.log(400), (n, instances, 2)))
+  bw, bh = np.minimum(sides[..., 0], w - 1), np.minimum(sides[..., 1], h - 1)
+  x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+  boxes = np.round(np.stack([x1, y1, x1 + bw, y1 + bh], -1)).astype(np.float32)
+  masks = np.zeros((n, instances, height, width), np.uint8)
+  for i, j in np.ndindex(n, instances):
+    bx1, by1, bx2, by2 = boxes[i, j].astype(int)
+    masks[i, j, by1:by2, bx1:bx2] = 1
+  return {"image": images, "image_size": np.tile(np.int32([h, w]), (n, 1)),
+          "boxes": boxes,
+          "classes": rng.integers(1, classes, (n, instances)).astype(np.int32),
+          "masks": masks, "valid": np.ones((n, instances), bool)}
+
+
+def bench_detector(name, options, spec, args):
+  """A Mask R-CNN row: detector inference (masks pasted) and a train step."""
+  canvas, image, n, classes = settings("instance", args)
+  model = models.build(name, classes, dtype=getattr(jnp, args.dtype), **options)
+  # Params do not depend on the input size or the proposal / detection
+  # counts: initialise on a small canvas with few boxes, which is cheap.
+  small = model.clone(rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=16,
+                      box_detections_per_img=4)
+  variables = jax.jit(lambda k: small.init(k, jnp.zeros((1, 128, 128, 3)), None, train=False,
+                                           paste=False))(jax.random.PRNGKey(0))
+  variables = flax.core.unfreeze(variables)
+  params = variables.pop("params")
+  count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+  trains = mask_rcnn.trainable_mask(model, params)
+  trained = sum(int(np.prod(p.shape)) for p, t in zip(jax.tree_util.tree_leaves(params),
+                                                      jax.tree_util.tree_leaves(trains)) if t)
+  # SGD momentum 0.9 as the semantic rows (optim.make_optimizer) on the
+  # trained params; the frozen ones get no update and no momentum buffer.
+  opt = ml_collections.ConfigDict(dict(
+      name="sgd", learning_rate=0.01, schedule="constant", warmup_steps=0,
+      weight_decay=0.0, momentum=0.9, grad_clip_norm=0.0))
+  sgd, _ = optim.make_optimizer(opt, 1000)
+  tx = optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()},
+                             jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trains))
+  state = {"params": params, "rest": variables, "opt_state": jax.jit(tx.init)(params)}
+
+  data = synthetic_instances(n, canvas, image, classes, args.instances)
+  batch = {k: jnp.asarray(v) for k, v in data.items()}
+  infer = lambda v, x, s: model.apply(v, x, s, train=False, paste=True)
+  infer_c, infer_compile, infer_gflops = compile_jax(
+      infer, {"params": params, **variables}, batch["image"], batch["image_size"])
+
+  def train(state, batch, key):
+    def loss_fn(p):
+      out, updates = mask_rcnn.train_losses(model, {**state["rest"], "params": p}, batch, key)
+      return out["loss"], (out, updates)
+    grads, (out, updates) = jax.grad(loss_fn, has_aux=True)(state["params"])
+    steps_, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], steps_),
+            "rest": {**state["rest"], **updates}, "opt_state": opt_state}, out
+
+  key = jax.random.PRNGKey(1)
+  train_c, train_compile, train_gflops = compile_jax(train, state, batch, key,
+                                                     donate_argnums=0)
+  row = dict(model=spec, task="instance",
+             input=f"{image[0]}x{image[1]} in {canvas[0]}x{canvas[1]}", batch=n,
+             instances=args.instances, params_m=count / 1e6, trained_params_m=trained / 1e6,
+             infer_gflops=infer_gflops, train_gflops=train_gflops,
+             compile_s=infer_compile + train_compile)
+  if args.flops_only:
+    return row
+  # Inference first: the train step then owns the state (donated, so the
+  # initial params are consumed).
+  infer_variables = {"params": params, **variables}
+  infer_s = median_time(lambda: jax.block_until_ready(
+      infer_c(infer_variables, batch["image"], batch["image_size"])), args.runs, args.warmup)
+  # Detections above the score threshold (all D slots are computed anyway):
+  # few with random weights, which torchvision's dynamic shapes profit from.
+  detections = float(np.mean(np.sum(
+      infer_c(infer_variables, batch["image"], batch["image_size"])["valid"], axis=1)))
+  holder = {"state": state}
+  del state, params, variables
+
+  def train_once():
+    holder["state"], out = train_c(holder["state"], batch, key)
+    jax.block_until_ready(out["loss"])
+
+  train_s = median_time(train_once, args.runs, args.warmup)
+  peak = peak_flops(jax.devices()[0], args.dtype)
+  row.update(infer_images_per_sec=n / infer_s, train_images_per_sec=n / train_s,
+             infer_s=infer_s, train_step_s=train_s, detections_per_image=detections,
+             peak_memory_mb=peak_memory_mb()[0], mfu=train_gflops * 1e9 / train_s / peak if peak else None)
+  holder.clear()
+  timed = None if options else bench_torch_detector(name, data, args)
+  if timed:
+    row.update(torch_train_step_s=timed[0], torch_infer_s=timed[1],
+               torch_detections_per_image=timed[2],
+               torch_ratio=timed[0] / train_s, torch_infer_ratio=timed[1] / infer_s)
+  return row
+
+
+def bench_torch_detector(name, data, args):
+  """(train-step s, inference s, detections per image) of torchvision's Mask R-CNN, or None.
+
+  Only mask_rcnn_r50_fpn has a torchvision original. It is what
+  maskrcnn_resnet50_fpn(weights=None, weights_backbone=..., num_classes)
+  builds, without the download: FrozenBatchNorm2d and the top 3 stages
+  trained, as segjax's variant (weights_backbone=None would make it
+  BatchNorm2d and 5 stages). Same images and targets (within the canvas
+  padding, which torchvision's transform adds itself); min_size / max_size
+  are the image's sides so nothing is rescaled.
+  """
+  if name != "mask_rcnn_r50_fpn" or args.no_torch:
+    return None
+  try:
+    import torch
+    from torchvision.models import resnet50
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import misc as misc_nn_ops
+  except ImportError:
+    return None
+  # Core count as seen by this process (taskset), not the machine's.
+  torch.set_num_threads(min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
+  torch.manual_seed(0)
+  gpu = torch.cuda.is_available()
+  device = torch.device("cuda" if gpu else "cpu")
+  h, w = (int(v) for v in data["image_size"][0])
+  backbone = resnet50(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
+  backbone = _resnet_fpn_extractor(backbone, 3)
+  net = MaskRCNN(backbone, num_classes=int(args.classes or 91), min_size=min(h, w),
+                 max_size=max(h, w)).to(device)
+  images = [torch.from_numpy(x[:h, :w]).permute(2, 0, 1).contiguous().to(device)
+            for x in data["image"]]
+  targets = [{"boxes": torch.from_numpy(data["boxes"][i]).to(device),
+              "labels": torch.from_numpy(data["classes"][i]).long().to(device),
+              "masks": torch.from_numpy(data["masks"][i, :, :h, :w]).contiguous().to(device)}
+             for i in range(len(images))]
+  opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01,
+                        momentum=0.9)
+  sync = torch.cuda.synchronize if gpu else (lambda: None)
+
+  def train_step():
+    opt.zero_grad(set_to_none=True)
+    loss = sum(net(images, targets).values())
+    loss.backward()
+    opt.step()
+    sync()
+
+  def infer():
+    with torch.no_grad():
+      out = net(images)
+    sync()
+    return out
+
+  net.eval()
+  infer_s = median_time(infer, args.runs, max(args.warmup, 1))
+  detections = float(np.mean([len(o["boxes"]) for o in infer()]))
+  net.train()
+  train_s = median_time(train_step, args.runs, max(args.warmup, 1))
+  return train_s, infer_s, detections
+
+
 COLUMNS = ("model", "params_m", "infer_gflops", "train_gflops", "compile_s",
            "infer_images_per_sec", "train_images_per_sec", "peak_memory_mb", "mfu",
-           "torch_ratio")
+           "torch_ratio", "torch_infer_ratio")
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", default=",".join(models.available()),
+  semantic = [m for m in models.available() if models.task(m) == "semantic"]
+  detectors = [m for m in models.available() if models.task(m) == "instance"]
+  parser.add_argument("--models", default=None,
                       # name:key=value sets a model option, e.g. setr_pup:size=base
-                      help="comma-separated registry names (default: all)")
-  parser.add_argument("--size", type=int, default=512)
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--classes", type=int, default=21)
+                      help="comma-separated registry names, semantic or detectors "
+                      "(default: every semantic model; with --detectors every detector)")
+  parser.add_argument("--detectors", action="store_true",
+                      help="the detectors instead of the semantic models (without --models)")
+  parser.add_argument("--size", default=None,
+                      help="N or H,W (default: 512 semantic; detectors 800x1333 images on "
+                      "an 800x1344 canvas; given, it is the detector's canvas)")
+  parser.add_argument("--batch", type=int, default=None,
+                      help="default: 8 semantic, 2 detectors")
+  parser.add_argument("--classes", type=int, default=None,
+                      help="default: 21 semantic, 91 detectors (background included)")
+  parser.add_argument("--instances", type=int, default=20,
+                      help="synthetic ground-truth instances per image (detectors)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--runs", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=1,
@@ -187,11 +428,23 @@ def main(argv=None):
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--out", help="write the rows as JSON here")
   args = parser.parse_args(argv)
-  print(f"{args.size}x{args.size}, batch {args.batch}, {args.dtype}, {args.classes} classes, "
-        f"median of {args.runs} after {args.warmup} warm-up, {jax.devices()[0].device_kind}")
-  print(" | ".join(COLUMNS), flush=True)
-  rows = []
-  for name in args.models.split(","):
+  if args.models:
+    names = args.models.split(",")
+  else:
+    names = detectors if args.detectors else semantic
+  print(f"{args.dtype}, median of {args.runs} after {args.warmup} warm-up, "
+        f"{jax.devices()[0].device_kind}")
+  rows, shown = [], None
+  for name in names:
+    task = models.task(parse_spec(name)[0])
+    if task != shown:
+      shown = task
+      canvas, image, n, classes = settings(task, args)
+      inputs = (f"{image[0]}x{image[1]} images on a {canvas[0]}x{canvas[1]} canvas, "
+                f"{args.instances} instances each" if task == "instance"
+                else f"{canvas[0]}x{canvas[1]}")
+      print(f"{task}: {inputs}, batch {n}, {classes} classes")
+      print(" | ".join(COLUMNS), flush=True)
     row = bench_model(name, args)
     rows.append(row)
     print(" | ".join(fmt(row.get(k)) for k in COLUMNS), flush=True)
