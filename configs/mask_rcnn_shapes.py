@@ -13,11 +13,14 @@ CPU within 30 minutes, dataset generation and compilation included:
   128 x 128 images with 10-60 px objects;
 - fewer proposals (1000 per level before NMS, 256 after in training, 100 in
   evaluation) and 128 sampled ROIs per image instead of 512;
-- AdamW 2e-3 with a cosine decay, batch 8.
+- 1000 steps of batch 8 (4 epochs of the 2000 training images), AdamW 2e-3
+  with 100 warmup steps and a cosine decay.
 
 The images stay at their 128 x 128 (min_size = max_size = canvas = 128).
 Evaluation is COCO box and mask AP on the 200 validation images
-(segjax.train.detection). `get_config("tiny")` is a seconds-long smoke run.
+(segjax.train.detection), every 250 steps. Measured on a 2-core CPU: mask AP
+0.768, mask AP50 0.954 (box AP 0.744) in 16 minutes, dataset generation and
+compilation included. `get_config("tiny")` is a seconds-long smoke run.
 """
 import ml_collections
 
