@@ -123,14 +123,13 @@ def _eval_instances(trainer, state, step, split, workdir):
   from segjax.train.logger import MetricsWriter
   if _primary():
     print(f"evaluating {split} at step {step}: COCO box and mask AP", flush=True)
-  result = trainer.evaluate(state, split=split, progress=_every_50)
+  result = detection.evaluate(trainer, state, split, progress=_every_50)
   MetricsWriter(workdir, _primary(), tensorboard=False).write(step, split, result)
   if _primary():
     print(f"{split} at step {step}: {loop.summary_line('instance', result)}")
-    ap = result["mask_per_class_ap"]
-    names = (detection.class_names(trainer.config) or
-             ["background"] + [f"class {k}" for k in range(1, len(ap) + 1)])
-    per_class = ", ".join(f"{n} {v:.3f}" for n, v in zip(names[1:], ap))
+    names = detection.class_names(trainer.config)
+    per_class = ", ".join(f"{n} {v:.3f}"
+                          for n, v in zip(names[1:], result["mask_per_class_ap"]))
     print(f"per-class mask AP: {per_class}")
 
 

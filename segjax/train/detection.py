@@ -106,43 +106,65 @@ def ground_truth(config, split):
 
 
 def class_names(config):
-  """The dataset's object class names, index 0 "background" (None if unknown)."""
+  """The dataset's object class names, index 0 "background"; "class k" for
+  each of the num_classes - 1 classes when the dataset names none."""
   try:
-    names = pipeline._builder(config).info.features["objects"]["label"].names
+    return ["background", *pipeline._builder(config).info.features["objects"]["label"].names]
   except (KeyError, AttributeError, TypeError):
-    return None
-  return ["background", *names]
+    return ["background"] + [f"class {k}" for k in range(1, config.num_classes)]
+
+
+def _detections(trainer, state, split):
+  """Runs the detection step over the split's evaluation batches.
+
+  Yields, on every process, for every real image of the global batches:
+  (image_id, detections of detect_step for the image, image_size,
+  orig_size), numpy.
+  """
+  batches = instances.eval_batches(trainer.config, split=split,
+                                   local_devices=len(trainer.par.local_devices))
+  for batch in batches:
+    out = trainer.par.gather(trainer.detect_fn(
+        state, trainer.par.put_batch(step_inputs(batch, EVAL_KEYS))))
+    for i in np.flatnonzero(out["mask"]):
+      one = {k: out[k][i] for k in ("boxes", "scores", "classes", "valid", "mask_probs")}
+      yield int(out["image_id"][i]), one, out["image_size"][i], out["orig_size"][i]
+
+
+def _ground_truth_state(trainer, split):
+  """The split's ground truth as a CocoEvaluator state, read and encoded once
+  per run (it is the same at every evaluation)."""
+  if split not in trainer.ground_truth:
+    gt = coco_eval.CocoEvaluator(trainer.config.num_classes)
+    for ex in ground_truth(trainer.config, split):
+      gt.add_ground_truth(ex["image_id"], ex["height"], ex["width"], ex["boxes"],
+                          ex["classes"], ex["masks"], ex["crowd"])
+    trainer.ground_truth[split] = gt.state()
+  return trainer.ground_truth[split]
 
 
 def evaluate(trainer, state, split=None, progress=None):
   """COCO box and mask AP of the split (coco_eval.CocoEvaluator.summary keys).
 
   Every process must call it (the detection step is collective); the scores
-  are computed on process 0, other processes return {}.
+  are computed on process 0, other processes return {}. `progress` wraps the
+  iterator of evaluated images (e.g. a counter that prints).
   """
   config = trainer.config
   split = split or config.eval.split
-  primary = jax.process_index() == 0
-  evaluator = coco_eval.CocoEvaluator(config.num_classes, class_names(config))
-  batches = instances.eval_batches(config, split=split,
-                                   local_devices=len(trainer.par.local_devices))
+  images = _detections(trainer, state, split)
   if progress is not None:
-    batches = progress(batches)
-  for batch in batches:
-    out = trainer.par.gather(trainer.detect_fn(
-        state, trainer.par.put_batch(step_inputs(batch, EVAL_KEYS))))
-    if not primary:
-      continue
-    for i in np.flatnonzero(out["mask"]):
-      one = {k: out[k][i] for k in ("boxes", "scores", "classes", "valid", "mask_probs")}
-      dets = to_original(one, out["image_size"][i], out["orig_size"][i])
-      evaluator.add_detections(int(out["image_id"][i]), dets["boxes"], dets["scores"],
-                               dets["classes"], dets["masks"])
-  if not primary:
+    images = progress(images)
+  if jax.process_index() != 0:
+    for _ in images:  # Only to run the collective steps.
+      pass
     return {}
-  for gt in ground_truth(config, split):
-    evaluator.add_ground_truth(gt["image_id"], gt["height"], gt["width"], gt["boxes"],
-                               gt["classes"], gt["masks"], gt["crowd"])
+  evaluator = coco_eval.CocoEvaluator(config.num_classes, class_names(config))
+  for image_id, one, image_size, orig_size in images:
+    dets = to_original(one, image_size, orig_size)
+    evaluator.add_detections(image_id, dets["boxes"], dets["scores"], dets["classes"],
+                             dets["masks"])
+  evaluator.merge(_ground_truth_state(trainer, split))
   return evaluator.summary()
 
 
@@ -179,8 +201,7 @@ def predict_files(trainer, state, paths, output_dir, score_thresh=0.5):
   host = trainer.par.host_state(state)
   variables = {"params": host.params, "batch_stats": host.batch_stats}
   detect = jax.jit(functools.partial(trainer.model.apply, train=False, paste=False))
-  names = class_names(config) or ["background"] + [
-      str(k) for k in range(1, config.num_classes)]
+  names = class_names(config)
   os.makedirs(output_dir, exist_ok=True)
   written = []
   for path in paths:

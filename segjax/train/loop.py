@@ -55,6 +55,7 @@ class Trainer:
     self._train_fn = None
     self._eval_fn = None
     self._detect_fn = None
+    self.ground_truth = {}  # Detectors: split -> COCO ground truth, read once.
 
   # --- state ---------------------------------------------------------------
   def initial_state(self, step=None, set_aside=False):
@@ -95,15 +96,13 @@ class Trainer:
   # --- compiled steps ------------------------------------------------------
   @property
   def train_fn(self):
-    if self._train_fn is None and self.task == "instance":
-      self._train_fn = self.par.compile(
-          steps.instance_train_step, donate_first=True, model=self.model, tx=self.tx,
-          schedule=self.schedule)
     if self._train_fn is None:
-      loss_fn = losses.make_loss(self.config.loss)
-      self._train_fn = self.par.compile(
-          steps.train_step, donate_first=True, model=self.model, tx=self.tx,
-          loss_fn=loss_fn, schedule=self.schedule)
+      if self.task == "instance":
+        step, extra = steps.instance_train_step, {}
+      else:
+        step, extra = steps.train_step, {"loss_fn": losses.make_loss(self.config.loss)}
+      self._train_fn = self.par.compile(step, donate_first=True, model=self.model,
+                                        tx=self.tx, schedule=self.schedule, **extra)
     return self._train_fn
 
   @property
@@ -126,16 +125,15 @@ class Trainer:
               for b in instances.train_batches(self.config, start_step=start_step))
     return pipeline.train_batches(self.config, start_step=start_step)
 
-  def evaluate(self, state, split=None, progress=None):
+  def evaluate(self, state, split=None):
     """Scores of the whole split: `metrics.scores` (semantic: the confusion
     matrix of batched inference at the eval size) or COCO AP (instance:
-    segjax.train.detection.evaluate). `progress` wraps the batch iterator."""
+    segjax.train.detection.evaluate)."""
     if self.task == "instance":
-      return detection.evaluate(self, state, split, progress)
+      return detection.evaluate(self, state, split)
     confusion = self.par.put_replicated(parallel.zeros_confusion(self.config.num_classes))
-    batches = pipeline.eval_batches(self.config, split=split,
-                                    local_devices=len(self.par.local_devices))
-    for batch in (progress(batches) if progress else batches):
+    for batch in pipeline.eval_batches(self.config, split=split,
+                                       local_devices=len(self.par.local_devices)):
       confusion = self.eval_fn(state, self.par.put_batch(batch), confusion)
     cm = self.par.fetch(confusion)
     result = metrics.scores(cm)
