@@ -144,6 +144,27 @@ def settings(task, args):
   return canvas, image, batch, classes
 
 
+def time_train_step(train_c, state, batch, key, args):
+  """Median seconds of the compiled `train_c(state, batch, key) -> (state,
+  {"loss", ...})`; the state is donated, so each call takes the previous
+  call's output."""
+  holder = {"state": state}
+
+  def train_once():
+    holder["state"], out = train_c(holder["state"], batch, key)
+    jax.block_until_ready(out["loss"])
+
+  return median_time(train_once, args.runs, args.warmup)
+
+
+def throughput(n, infer_s, train_s, train_gflops, args):
+  """A row's timing columns for batch n: images/s, step seconds, peak memory, MFU."""
+  peak = peak_flops(jax.devices()[0], args.dtype)
+  return dict(infer_images_per_sec=n / infer_s, train_images_per_sec=n / train_s,
+              train_step_s=train_s, peak_memory_mb=peak_memory_mb()[0],
+              mfu=train_gflops * 1e9 / train_s / peak if peak else None)
+
+
 def bench_model(spec, args):
   """One row: the model's size, FLOPs and timings."""
   name, options = parse_spec(spec)
@@ -176,17 +197,8 @@ def bench_model(spec, args):
     return row
   infer_s = median_time(lambda: jax.block_until_ready(infer_c(variables, batch["image"])),
                         args.runs, args.warmup)
-  holder = {"state": state}
-
-  def train_once():
-    holder["state"], m = train_c(holder["state"], batch, key)
-    jax.block_until_ready(m["loss"])
-
-  train_s = median_time(train_once, args.runs, args.warmup)
-  peak = peak_flops(jax.devices()[0], args.dtype)
-  row.update(infer_images_per_sec=n / infer_s, train_images_per_sec=n / train_s,
-             train_step_s=train_s, peak_memory_mb=peak_memory_mb()[0],
-             mfu=train_gflops * 1e9 / train_s / peak if peak else None)
+  train_s = time_train_step(train_c, state, batch, key, args)
+  row.update(throughput(n, infer_s, train_s, train_gflops, args))
   # The PyTorch originals are built with their default options only.
   torch_s = None if options else bench_torch(name, args)
   if torch_s:
@@ -313,19 +325,11 @@ def bench_detector(name, options, spec, args):
   # few with random weights, which torchvision's dynamic shapes profit from.
   detections = float(np.mean(np.sum(
       infer_c(infer_variables, batch["image"], batch["image_size"])["valid"], axis=1)))
-  holder = {"state": state}
-  del state, params, variables
-
-  def train_once():
-    holder["state"], out = train_c(holder["state"], batch, key)
-    jax.block_until_ready(out["loss"])
-
-  train_s = median_time(train_once, args.runs, args.warmup)
-  peak = peak_flops(jax.devices()[0], args.dtype)
-  row.update(infer_images_per_sec=n / infer_s, train_images_per_sec=n / train_s,
-             infer_s=infer_s, train_step_s=train_s, detections_per_image=detections,
-             peak_memory_mb=peak_memory_mb()[0], mfu=train_gflops * 1e9 / train_s / peak if peak else None)
-  holder.clear()
+  del params, variables
+  train_s = time_train_step(train_c, state, batch, key, args)
+  del state
+  row.update(throughput(n, infer_s, train_s, train_gflops, args), infer_s=infer_s,
+             detections_per_image=detections)
   timed = None if options else bench_torch_detector(name, data, args)
   if timed:
     row.update(torch_train_step_s=timed[0], torch_infer_s=timed[1],
