@@ -31,21 +31,22 @@ A detector row times the jit-compiled detector as a user calls it
 detections with masks pasted into the canvas) and a train step (the five
 losses of mask_rcnn.train_losses, their gradient and an SGD momentum 0.9
 update of the params `mask_rcnn.trainable_mask` trains, the frozen ones
-untouched), compiled with the state donated. Settings are the variants'
-defaults: torchvision's (2000 / 1000 proposals per image in train / test,
-256 anchors and 512 rois sampled, 100 detections; C4: Detectron's 12000 /
-6000 pre-NMS candidates), frozen BatchNorm and the top 3 ResNet stages
-trained. Ground truth: boxes of 16-400 pixels a side (log-uniform, fixed
-seed) with box-shaped masks, random classes. For mask_rcnn_r50_fpn, where
-torchvision is importable, torchvision's maskrcnn_resnet50_fpn is timed on
-the same images and targets in train (SGD momentum step, loss sum) and eval
-mode: built as that function builds it for fine-tuning (FrozenBatchNorm2d,
-trainable_backbone_layers=3, as segjax's defaults; weights=None and
-weights_backbone=None alone would switch torchvision to trainable
-BatchNorm and all five stages), no weights downloaded, min_size / max_size
-set to the image size so its transform does not rescale. torch_ratio and
-torch_infer_ratio are torchvision's seconds over segjax's (> 1: segjax is
-faster).
+untouched: steps.instance_train_step with detection.frozen_aware, the step
+`segjax train` runs, NaN/Inf guard included), compiled with the state donated.
+Settings are the variants' defaults: torchvision's (2000 / 1000 proposals per
+image in train / test, 256 anchors and 512 rois sampled, 100 detections; C4:
+Detectron's 12000 / 6000 pre-NMS candidates), frozen BatchNorm and the top 3
+ResNet stages trained. Ground truth: boxes of 16-400 pixels a side
+(log-uniform, fixed seed) with box-shaped masks, random classes. For
+mask_rcnn_r50_fpn, where torchvision is importable, torchvision's
+maskrcnn_resnet50_fpn is timed on the same images and targets in train (SGD
+momentum step, loss sum) and eval mode: built as that function builds it for
+fine-tuning (FrozenBatchNorm2d, trainable_backbone_layers=3, as segjax's
+defaults; weights=None and weights_backbone=None alone would switch
+torchvision to trainable BatchNorm and all five stages), no weights
+downloaded, min_size / max_size set to the image size so its transform does
+not rescale. torch_ratio and torch_infer_ratio are torchvision's seconds over
+segjax's (> 1: segjax is faster).
 """
 import argparse
 import ast
@@ -53,16 +54,14 @@ import json
 import os
 import sys
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from segjax import losses, models
 from segjax.models.detection import mask_rcnn
-from segjax.train import optim, steps
+from segjax.train import detection, optim, steps
 from segjax.train.state import init_state
 
 from timing import compile_jax, fmt, median_time, peak_flops, peak_memory_mb
@@ -165,6 +164,13 @@ def throughput(n, infer_s, train_s, train_gflops, args):
               mfu=train_gflops * 1e9 / train_s / peak if peak else None)
 
 
+def _sgd():
+  """The optimizer config every train-step row uses: SGD, momentum 0.9."""
+  return ml_collections.ConfigDict(dict(
+      name="sgd", learning_rate=0.01, schedule="constant", warmup_steps=0,
+      weight_decay=0.0, momentum=0.9, grad_clip_norm=0.0))
+
+
 def bench_model(spec, args):
   """One row: the model's size, FLOPs and timings."""
   name, options = parse_spec(spec)
@@ -172,10 +178,7 @@ def bench_model(spec, args):
     return bench_detector(name, options, spec, args)
   (height, width), _, n, classes = settings("semantic", args)
   model = models.build(name, classes, dtype=getattr(jnp, args.dtype), **options)
-  opt = ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=0.01, schedule="constant", warmup_steps=0,
-      weight_decay=0.0, momentum=0.9, grad_clip_norm=0.0))
-  tx, schedule = optim.make_optimizer(opt, 1000)
+  tx, schedule = optim.make_optimizer(_sgd(), 1000)
   shape = (height, width, 3)
   state = jax.jit(init_state, static_argnums=(0, 1, 3))(model, tx, jax.random.PRNGKey(0),
                                                           shape)
@@ -269,43 +272,30 @@ def bench_detector(name, options, spec, args):
   """A Mask R-CNN row: detector inference (masks pasted) and a train step."""
   canvas, image, n, classes = settings("instance", args)
   model = models.build(name, classes, dtype=getattr(jnp, args.dtype), **options)
+  # SGD momentum 0.9 as the semantic rows, through the optimizer `segjax
+  # train` builds for a detector: frozen params get no update and no
+  # momentum buffer (detection.frozen_aware).
+  tx, schedule = optim.make_optimizer(_sgd(), 1000)
+  tx = detection.frozen_aware(model, tx)
   # Params do not depend on the input size or the proposal / detection
   # counts: initialise on a small canvas with few boxes, which is cheap.
   small = model.clone(rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=16,
                       box_detections_per_img=4)
-  variables = jax.jit(lambda k: small.init(k, jnp.zeros((1, 128, 128, 3)), None, train=False,
-                                           paste=False))(jax.random.PRNGKey(0))
-  variables = flax.core.unfreeze(variables)
-  params = variables.pop("params")
-  count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-  trains = mask_rcnn.trainable_mask(model, params)
-  trained = sum(int(np.prod(p.shape)) for p, t in zip(jax.tree_util.tree_leaves(params),
-                                                      jax.tree_util.tree_leaves(trains)) if t)
-  # SGD momentum 0.9 as the semantic rows (optim.make_optimizer) on the
-  # trained params; the frozen ones get no update and no momentum buffer.
-  opt = ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=0.01, schedule="constant", warmup_steps=0,
-      weight_decay=0.0, momentum=0.9, grad_clip_norm=0.0))
-  sgd, _ = optim.make_optimizer(opt, 1000)
-  tx = optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()},
-                             jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trains))
-  state = {"params": params, "rest": variables, "opt_state": jax.jit(tx.init)(params)}
+  state = jax.jit(init_state, static_argnums=(0, 1, 3))(small, tx, jax.random.PRNGKey(0),
+                                                          (128, 128, 3))
+  leaves = jax.tree_util.tree_leaves(state.params)
+  trains = jax.tree_util.tree_leaves(mask_rcnn.trainable_mask(model, state.params))
+  count = sum(int(np.prod(p.shape)) for p in leaves)
+  trained = sum(int(np.prod(p.shape)) for p, t in zip(leaves, trains) if t)
 
   data = synthetic_instances(n, canvas, image, classes, args.instances)
   batch = {k: jnp.asarray(v) for k, v in data.items()}
   infer = lambda v, x, s: model.apply(v, x, s, train=False, paste=True)
+  infer_variables = {"params": state.params, "batch_stats": state.batch_stats}
   infer_c, infer_compile, infer_gflops = compile_jax(
-      infer, {"params": params, **variables}, batch["image"], batch["image_size"])
-
-  def train(state, batch, key):
-    def loss_fn(p):
-      out, updates = mask_rcnn.train_losses(model, {**state["rest"], "params": p}, batch, key)
-      return out["loss"], (out, updates)
-    grads, (out, updates) = jax.grad(loss_fn, has_aux=True)(state["params"])
-    steps_, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], steps_),
-            "rest": {**state["rest"], **updates}, "opt_state": opt_state}, out
-
+      infer, infer_variables, batch["image"], batch["image_size"])
+  train = lambda s, b, k: steps.instance_train_step(s, b, k, model=model, tx=tx,
+                                                    schedule=schedule)
   key = jax.random.PRNGKey(1)
   train_c, train_compile, train_gflops = compile_jax(train, state, batch, key,
                                                      donate_argnums=0)
@@ -317,15 +307,13 @@ def bench_detector(name, options, spec, args):
   if args.flops_only:
     return row
   # Inference first: the train step then owns the state (donated, so the
-  # initial params are consumed).
-  infer_variables = {"params": params, **variables}
+  # params infer_variables shares are consumed).
   infer_s = median_time(lambda: jax.block_until_ready(
       infer_c(infer_variables, batch["image"], batch["image_size"])), args.runs, args.warmup)
   # Detections above the score threshold (all D slots are computed anyway):
   # few with random weights, which torchvision's dynamic shapes profit from.
   detections = float(np.mean(np.sum(
       infer_c(infer_variables, batch["image"], batch["image_size"])["valid"], axis=1)))
-  del params, variables
   train_s = time_train_step(train_c, state, batch, key, args)
   del state
   row.update(throughput(n, infer_s, train_s, train_gflops, args), infer_s=infer_s,

@@ -96,20 +96,25 @@ def cmd_train(args, overrides):
 
 def cmd_eval(args, overrides):
   from segjax.train import loop
-  from segjax.train.logger import MetricsWriter
   config = _load(args, overrides)
-  trainer = loop.Trainer(config, args.workdir)
-  state, step = _restore(trainer, args.step)
-  split = args.split or config.eval.split
-  if trainer.task == "instance":
-    _eval_instances(trainer, state, step, split, args.workdir)
-    return
-  options = config.eval
+  with loop.Trainer(config, args.workdir) as trainer:
+    state, step = _restore(trainer, args.step)
+    split = args.split or config.eval.split
+    if trainer.task == "instance":
+      _eval_instances(trainer, state, step, split, args.workdir)
+    else:
+      _eval_semantic(trainer, state, step, split, args.workdir)
+
+
+def _eval_semantic(trainer, state, step, split, workdir):
+  """mIoU of a semantic model's checkpoint, with the config's eval options."""
+  from segjax.train.logger import MetricsWriter
+  options = trainer.config.eval
   if _primary():
     print(f"evaluating {split} at step {step}: {options.mode} inference, scales "
           f"{tuple(options.scales)}, flip {options.flip}", flush=True)
   result = trainer.evaluate_images(state, split=split, progress=_every_50)
-  MetricsWriter(args.workdir, _primary(), tensorboard=False).write(step, split, result)
+  MetricsWriter(workdir, _primary(), tensorboard=False).write(step, split, result)
   if _primary():
     print(f"{split} at step {step}: mIoU {result['miou']:.4f} | pixel accuracy "
           f"{result['pixel_accuracy']:.4f} | mean accuracy {result['mean_accuracy']:.4f}")
@@ -161,13 +166,13 @@ def cmd_predict(args, overrides):
   from segjax import inference
   from segjax.train import loop
   config = _load(args, overrides)
-  trainer = loop.Trainer(config, args.workdir)
-  state, step = _restore(trainer, args.step)
-  if trainer.task == "instance":
-    from segjax.train import detection
-    written = detection.predict_files(trainer, state, args.images, args.output)
-  else:
-    written = inference.predict_files(trainer, state, args.images, args.output)
+  with loop.Trainer(config, args.workdir) as trainer:
+    state, step = _restore(trainer, args.step)
+    if trainer.task == "instance":
+      from segjax.train import detection
+      written = detection.predict_files(trainer, state, args.images, args.output)
+    else:
+      written = inference.predict_files(trainer, state, args.images, args.output)
   print(f"wrote {len(written)} files for {len(args.images)} image(s) to "
         f"{args.output} (checkpoint step {step})")
 

@@ -136,11 +136,9 @@ def write_checkpoint(variables: Mapping[str, Any], output: str) -> str:
   if os.path.isdir(os.path.join(directory, "0")):
     raise CheckpointError(f"{directory}/0 already exists; choose another --output "
                           "or remove it first")
-  manager = checkpoint.Checkpoints(directory, async_save=False)
   tree = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), dict(variables))
-  manager.save(0, tree, force=True)
-  manager.wait()
-  manager.close()
+  with checkpoint.Checkpoints(directory, async_save=False) as manager:
+    manager.save(0, tree, force=True)
   return os.path.join(directory, "0")
 
 

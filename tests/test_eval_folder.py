@@ -45,8 +45,9 @@ def test_eval_equals_metrics_image_by_image(dataset, tmp_path, capsys):
   assert reported["split"] == "validation"
 
   config = json.loads((workdir / "config.json").read_text())
-  trainer = loop.Trainer(loop.config_lib.load_config(workdir / "config.json"), str(workdir))
-  state, _ = trainer.initial_state()
+  with loop.Trainer(loop.config_lib.load_config(workdir / "config.json"),
+                   str(workdir)) as trainer:
+    state, _ = trainer.initial_state()
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   mean, std = config["augment"]["mean"], config["augment"]["std"]
   total = np.zeros((2, 2), np.int64)

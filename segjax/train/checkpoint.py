@@ -40,8 +40,11 @@ class Checkpoints:
         # Temporary dirs of writes cut short by a kill are removed at start.
         cleanup_tmp_directories=True)
     try:
-      self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                           item_names=(ITEM,))
+      # The handler named up front lets item_metadata read a step before
+      # anything was saved or restored (the shape check before a restore).
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={ITEM: ocp.StandardCheckpointHandler()})
     except (OSError, ValueError) as e:
       raise CheckpointError(f"cannot open checkpoint directory {self.directory}: "
                             f"{e}; check the --workdir path and its permissions") from e
@@ -97,16 +100,19 @@ class Checkpoints:
   def _restore_step(self, target, step):
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     path = os.path.join(self.directory, str(step))
+    # Shapes are compared from the metadata first: a restore that fails on a
+    # shape part-way leaves orbax's pending reads to die in the garbage
+    # collector, after their event loop has closed.
+    mismatch = _describe_mismatch(self.manager, step, abstract)
+    if mismatch:
+      raise CheckpointError(
+          f"checkpoint {path} does not fit this model: {mismatch}. It was "
+          "written by a different model or num_classes; use another --workdir "
+          "or the config it was trained with")
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           **{ITEM: ocp.args.StandardRestore(abstract)}))
     except Exception as e:  # orbax/tensorstore raise many types on bad files.
-      mismatch = _describe_mismatch(self.manager, step, abstract)
-      if mismatch:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this model: {mismatch}. It was "
-            "written by a different model or num_classes; use another --workdir "
-            "or the config it was trained with") from e
       if "tree structures do not match" in str(e):
         raise CheckpointError(
             f"checkpoint {path} does not fit this model: the parameters match but "
@@ -149,7 +155,15 @@ class Checkpoints:
     self.manager.wait_until_finished()
 
   def close(self):
+    """Waits for a background save, then stops orbax's threads (call once
+    done: an unclosed manager's threads outlive the event loop they use)."""
     self.manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
 
 
 def _is_mismatch(error):
@@ -217,11 +231,11 @@ def restore_on_host(step_dir):
   Works whatever the number of devices and hosts that wrote it (restoring
   without a target would insist on the writer's topology).
   """
-  checkpointer = ocp.StandardCheckpointer()
   path = os.path.join(step_dir, ITEM)
-  tree = checkpointer.metadata(path).item_metadata
-  target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), tree)
-  return checkpointer.restore(path, target)
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata
+    target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), tree)
+    return checkpointer.restore(path, target)
 
 
 def _find_step_dir(path):

@@ -36,7 +36,11 @@ def build_model(config, axis_name=None):
 
 
 class Trainer:
-  """Holds the compiled steps and the state of one run (also used by eval)."""
+  """Holds the compiled steps and the state of one run (also used by eval).
+
+  Use it as a context manager (or call `close`): orbax's checkpoint manager
+  runs background threads, which must finish before the process exits.
+  """
 
   def __init__(self, config, workdir, devices=None):
     self.config = config
@@ -56,6 +60,16 @@ class Trainer:
     self._eval_fn = None
     self._detect_fn = None
     self.ground_truth = {}  # Detectors: split -> COCO ground truth, read once.
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+  def close(self):
+    """Waits for a background checkpoint write, then stops orbax's threads."""
+    self.checkpoints.close()
 
   # --- state ---------------------------------------------------------------
   def initial_state(self, step=None, set_aside=False):
@@ -175,7 +189,11 @@ def train(config, workdir):
   if config.train.batch_size % devices:
     raise ConfigError(f"train.batch_size={config.train.batch_size} is not a multiple "
                       f"of the {devices} devices; change --config.train.batch_size")
-  trainer = Trainer(config, workdir)
+  with Trainer(config, workdir) as trainer:
+    return _train(trainer, config, workdir)
+
+
+def _train(trainer, config, workdir):
   progress = Progress(config.train.steps, trainer.primary)
   if trainer.primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -229,8 +247,6 @@ def train(config, workdir):
     trainer.save(state, force=True)
     return result
   finally:
-    trainer.checkpoints.wait()
-    trainer.checkpoints.close()
     writer.close()
     preempted.restore()
 

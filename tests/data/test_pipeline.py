@@ -70,9 +70,9 @@ def test_eval_batches_cover_each_example_once(shapes_dir, process_count, local_d
 @pytest.mark.parametrize("num_devices", [1, 3, 8])
 def test_evaluation_counts_each_pixel_once(shapes_dir, tmp_path, num_devices):
   config = tiny_config(shapes_dir, "eval.batch_size=5")
-  trainer = loop.Trainer(config, str(tmp_path), devices=jax.devices()[:num_devices])
-  state, _ = trainer.initial_state()
-  result = trainer.evaluate(state)
+  with loop.Trainer(config, str(tmp_path), devices=jax.devices()[:num_devices]) as trainer:
+    state, _ = trainer.initial_state()
+    result = trainer.evaluate(state)
   assert result["num_pixels"] == 16 * 64 * 64
   assert 0.0 <= result["miou"] <= 1.0
 

@@ -25,27 +25,25 @@ def _equal(a, b):
 
 
 def test_round_trip_and_keep(tmp_path):
-  manager = checkpoint.Checkpoints(tmp_path / "checkpoints", every_steps=1, keep=2)
   states = {step: _state(seed=step) for step in (1, 2, 3)}
-  for step, state in states.items():
-    assert manager.save(step, state.replace(step=np.int32(step)).to_dict())
-    manager.wait()
-  assert manager.all_steps() == [2, 3]  # keep=2 dropped the oldest
-  restored, step = manager.restore(_state(seed=9).to_dict())
-  assert step == 3
-  _equal(TrainState(**restored).params, states[3].params)
-  restored, step = manager.restore(_state(seed=9).to_dict(), step=2)
-  _equal(TrainState(**restored).params, states[2].params)
-  with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
-    manager.restore(_state().to_dict(), step=7)
-  manager.close()
+  with checkpoint.Checkpoints(tmp_path / "checkpoints", every_steps=1, keep=2) as manager:
+    for step, state in states.items():
+      assert manager.save(step, state.replace(step=np.int32(step)).to_dict())
+      manager.wait()
+    assert manager.all_steps() == [2, 3]  # keep=2 dropped the oldest
+    restored, step = manager.restore(_state(seed=9).to_dict())
+    assert step == 3
+    _equal(TrainState(**restored).params, states[3].params)
+    restored, step = manager.restore(_state(seed=9).to_dict(), step=2)
+    _equal(TrainState(**restored).params, states[2].params)
+    with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
+      manager.restore(_state().to_dict(), step=7)
 
 
 def test_init_from_takes_matching_weights(tmp_path):
   source = _state(seed=1)
-  manager = checkpoint.Checkpoints(tmp_path / "checkpoints")
-  manager.save(5, source.to_dict(), force=True)
-  manager.wait()
+  with checkpoint.Checkpoints(tmp_path / "checkpoints") as manager:
+    manager.save(5, source.to_dict(), force=True)
   fresh = _state(seed=2)
   loaded = checkpoint.load_init(tmp_path, fresh)  # a workdir works
   _equal(loaded.params, source.params)
@@ -56,9 +54,8 @@ def test_init_from_takes_matching_weights(tmp_path):
 
 
 def test_init_from_refuses_other_shapes_and_missing_paths(tmp_path):
-  manager = checkpoint.Checkpoints(tmp_path / "checkpoints")
-  manager.save(1, _state(num_classes=3).to_dict(), force=True)
-  manager.wait()
+  with checkpoint.Checkpoints(tmp_path / "checkpoints") as manager:
+    manager.save(1, _state(num_classes=3).to_dict(), force=True)
   with pytest.raises(CheckpointError, match=r"shapes differ: .*head.*kernel"):
     checkpoint.load_init(tmp_path, _state(num_classes=5))
   with pytest.raises(CheckpointError, match="holds no checkpoint"):

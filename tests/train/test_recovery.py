@@ -121,27 +121,26 @@ def test_nonfinite_step_is_skipped_and_counted(shapes_dir, tmp_path):
   """A NaN batch leaves params, statistics and optimizer state bit for bit as
   they were and counts the step; the next finite batch trains normally."""
   config = tiny_config(shapes_dir, "train.nan_policy=skip")
-  trainer = loop.Trainer(config, str(tmp_path))
-  state, _ = trainer.initial_state()
-  batch = next(pipeline.train_batches(config))
-  poisoned = dict(batch, image=np.where(np.arange(batch["image"].shape[1])[:, None, None]
-                                        == 3, np.nan, batch["image"]).astype(np.float32))
-  rng = trainer.par.put_replicated(trainer.rng)
-  before = jax.device_get(state)
-  state, step_metrics = trainer.train_fn(state, trainer.par.put_batch(poisoned), rng)
-  after = jax.device_get(state)
-  assert float(step_metrics["finite"]) == 0.0
-  assert int(after.nonfinite) == 1 and int(after.step) == int(before.step) + 1
-  for name in ("params", "batch_stats", "opt_state"):
-    for old, new in zip(jax.tree_util.tree_leaves(getattr(before, name)),
-                        jax.tree_util.tree_leaves(getattr(after, name))):
-      np.testing.assert_array_equal(new, old)
-  state, step_metrics = trainer.train_fn(state, trainer.par.put_batch(batch), rng)
-  trained = jax.device_get(state)
-  assert float(step_metrics["finite"]) == 1.0 and int(trained.nonfinite) == 1
-  assert any(not np.array_equal(a, b) for a, b in zip(
-      jax.tree_util.tree_leaves(after.params), jax.tree_util.tree_leaves(trained.params)))
-  trainer.checkpoints.close()
+  with loop.Trainer(config, str(tmp_path)) as trainer:
+    state, _ = trainer.initial_state()
+    batch = next(pipeline.train_batches(config))
+    poisoned = dict(batch, image=np.where(np.arange(batch["image"].shape[1])[:, None, None]
+                                          == 3, np.nan, batch["image"]).astype(np.float32))
+    rng = trainer.par.put_replicated(trainer.rng)
+    before = jax.device_get(state)
+    state, step_metrics = trainer.train_fn(state, trainer.par.put_batch(poisoned), rng)
+    after = jax.device_get(state)
+    assert float(step_metrics["finite"]) == 0.0
+    assert int(after.nonfinite) == 1 and int(after.step) == int(before.step) + 1
+    for name in ("params", "batch_stats", "opt_state"):
+      for old, new in zip(jax.tree_util.tree_leaves(getattr(before, name)),
+                          jax.tree_util.tree_leaves(getattr(after, name))):
+        np.testing.assert_array_equal(new, old)
+    state, step_metrics = trainer.train_fn(state, trainer.par.put_batch(batch), rng)
+    trained = jax.device_get(state)
+    assert float(step_metrics["finite"]) == 1.0 and int(trained.nonfinite) == 1
+    assert any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(after.params), jax.tree_util.tree_leaves(trained.params)))
 
 
 def test_skip_policy_stops_past_its_limit(shapes_dir, tmp_path, capsys):
