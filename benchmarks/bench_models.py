@@ -31,7 +31,7 @@ A detector row times the jit-compiled detector as a user calls it
 detections with masks pasted into the canvas) and a train step (the five
 losses of mask_rcnn.train_losses, their gradient and an SGD momentum 0.9
 update of the params `mask_rcnn.trainable_mask` trains, the frozen ones
-untouched: steps.instance_train_step with detection.frozen_aware, the step
+untouched: steps.instance_train_step with optim.freeze, the step
 `segjax train` runs, NaN/Inf guard included), compiled with the state donated.
 Settings are the variants' defaults: torchvision's (2000 / 1000 proposals per
 image in train / test, 256 anchors and 512 rois sampled, 100 detections; C4:
@@ -50,6 +50,7 @@ segjax's (> 1: segjax is faster).
 """
 import argparse
 import ast
+import functools
 import json
 import os
 import sys
@@ -61,7 +62,7 @@ import numpy as np
 
 from segjax import losses, models
 from segjax.models.detection import mask_rcnn
-from segjax.train import detection, optim, steps
+from segjax.train import optim, steps
 from segjax.train.state import init_state
 
 from timing import compile_jax, fmt, median_time, peak_flops, peak_memory_mb
@@ -272,11 +273,10 @@ def bench_detector(name, options, spec, args):
   """A Mask R-CNN row: detector inference (masks pasted) and a train step."""
   canvas, image, n, classes = settings("instance", args)
   model = models.build(name, classes, dtype=getattr(jnp, args.dtype), **options)
-  # SGD momentum 0.9 as the semantic rows, through the optimizer `segjax
-  # train` builds for a detector: frozen params get no update and no
-  # momentum buffer (detection.frozen_aware).
+  # SGD momentum 0.9 as the semantic rows, frozen as `segjax train` freezes
+  # a detector's params: no update and no momentum buffer.
   tx, schedule = optim.make_optimizer(_sgd(), 1000)
-  tx = detection.frozen_aware(model, tx)
+  tx = optim.freeze(tx, functools.partial(mask_rcnn.trainable_mask, model))
   # Params do not depend on the input size or the proposal / detection
   # counts: initialise on a small canvas with few boxes, which is cheap.
   small = model.clone(rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=16,

@@ -1,5 +1,5 @@
-"""What training and evaluating a detector adds to the loop: frozen params,
-the inputs a step needs, and COCO evaluation at the original resolution.
+"""What training and evaluating a detector adds to the loop: the inputs a
+step needs, and COCO evaluation at the original resolution.
 
 Evaluation follows torchvision's reference (references/detection): the
 detector runs on the resized, padded canvas; each detection's box is scaled
@@ -15,13 +15,12 @@ import math
 
 import jax
 import numpy as np
-import optax
 import tensorflow as tf
 
 from segjax import coco_eval
 from segjax.data import instances, pipeline
 from segjax.errors import DataError
-from segjax.models.detection import mask_rcnn, postprocess
+from segjax.models.detection import postprocess
 
 # The keys of an instance batch the compiled steps read; the rest (crowd,
 # num_dropped, int64 ids) stays on the host.
@@ -33,16 +32,6 @@ PASTE_BUCKET = 128
 # Ground truth rows read per image: all of them (COCO has at most a few
 # hundred, crowds included).
 _ALL_INSTANCES = 100_000
-
-
-def frozen_aware(model, tx):
-  """`tx` for the params that train; zero updates (and no optimizer state)
-  for those `mask_rcnn.trainable_mask` freezes, so weight decay cannot move
-  them either."""
-  def labels(params):
-    return jax.tree_util.tree_map(lambda t: "train" if t else "frozen",
-                                  mask_rcnn.trainable_mask(model, params))
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def step_inputs(batch, keys):

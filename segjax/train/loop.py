@@ -7,6 +7,7 @@ at the end, and when preempted (SIGTERM). Metrics are fetched from the
 devices only every `train.log_every_steps`, so steps are dispatched without a
 host sync in between.
 """
+import functools
 import os
 import signal
 import threading
@@ -19,6 +20,7 @@ from segjax import config as config_lib
 from segjax import losses, metrics, models
 from segjax.data import instances, pipeline
 from segjax.errors import ConfigError, TrainingError
+from segjax.models.detection import mask_rcnn
 from segjax.train import checkpoint as ckpt_lib
 from segjax.train import detection, optim, parallel, steps
 from segjax.train.logger import MetricsWriter, Progress
@@ -51,7 +53,8 @@ class Trainer:
     self.model = build_model(config, self.par.axis_name)
     self.tx, self.schedule = optim.make_optimizer(config.optimizer, config.train.steps)
     if self.task == "instance":
-      self.tx = detection.frozen_aware(self.model, self.tx)
+      self.tx = optim.freeze(self.tx, functools.partial(mask_rcnn.trainable_mask,
+                                                        self.model))
     self.checkpoints = ckpt_lib.Checkpoints(
         os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
         config.checkpoint.keep)

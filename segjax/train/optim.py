@@ -92,3 +92,17 @@ def _per_module_rates(opt, schedule, lr_mult):
 def _matrices_only(params):
   """Weight-decay mask: True for kernels, False for biases and norm scales."""
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def freeze(tx, trainable):
+  """`tx` for the params that train; zero updates and no optimizer state for
+  the others, so that weight decay cannot move them either.
+
+  Args:
+    tx: the optax transformation of the trained params.
+    trainable: params -> pytree of bools of the same structure (True: train),
+      e.g. functools.partial(mask_rcnn.trainable_mask, model).
+  """
+  def labels(params):
+    return jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable(params))
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

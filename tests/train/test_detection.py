@@ -2,6 +2,7 @@
 frozen params stay put, one compiled step serves every instance count,
 detections map back to the stored image, and train / eval / predict run on
 configs/mask_rcnn_shapes.py:tiny."""
+import functools
 import json
 import os
 
@@ -17,7 +18,7 @@ from conftest import REPO, SMALL_DATASET
 from segjax import cli
 from segjax.models.detection.mask_rcnn import TINY, build_mask_rcnn, trainable_mask
 from segjax.models.detection.postprocess import paste_masks
-from segjax.train import detection, steps
+from segjax.train import detection, optim, steps
 from segjax.train.state import init_state
 
 H, W, G = 64, 64, 4
@@ -44,7 +45,8 @@ def _batch(counts, seed):
 def test_step_freezes_params_and_compiles_once():
   model = build_mask_rcnn("mask_rcnn_r50_fpn", 4, **TINY)  # 3 trainable layers
   # Weight decay would move frozen params if they went through the optimizer.
-  tx = detection.frozen_aware(model, optax.adamw(1e-2, weight_decay=0.5))
+  tx = optim.freeze(optax.adamw(1e-2, weight_decay=0.5),
+                    functools.partial(trainable_mask, model))
   state = jax.jit(init_state, static_argnums=(0, 1, 3))(
       model, tx, jax.random.PRNGKey(0), (H, W, 3))
   step = jax.jit(lambda s, b, r: steps.instance_train_step(
