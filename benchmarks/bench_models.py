@@ -315,7 +315,6 @@ def bench_detector(name, options, spec, args):
   detections = float(np.mean(np.sum(
       infer_c(infer_variables, batch["image"], batch["image_size"])["valid"], axis=1)))
   train_s = time_train_step(train_c, state, batch, key, args)
-  del state
   row.update(throughput(n, infer_s, train_s, train_gflops, args), infer_s=infer_s,
              detections_per_image=detections)
   timed = None if options else bench_torch_detector(name, data, args)
