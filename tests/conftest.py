@@ -2,7 +2,12 @@
 
 XLA reads the flag once, when JAX is first imported, so it is set here before
 any test module imports jax.
+
+The comparison tests need PyTorch and friends (the `parity` extra). Where they
+are not installed those tests skip, except in CI (`CI` set), where a missing
+package fails the test that needs it: CI proves parity, it never skips it.
 """
+import importlib
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -10,6 +15,13 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# torch goes first: loaded after TensorFlow, its LLVM options clash with
+# TensorFlow's and the process dies (seen with torch 2.14 and TF 2.21).
+try:
+  import torch  # noqa: E402,F401  pylint: disable=unused-import
+except ImportError:
+  pass
 
 import pytest  # noqa: E402
 
@@ -24,6 +36,20 @@ def shapes_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   load_builder(SMALL_DATASET, data_dir)
   return data_dir
+
+
+def needs(module):
+  """Imports `module` for a comparison test: a skip, or in CI a failure.
+
+  Returns the module, like `pytest.importorskip`.
+  """
+  if os.environ.get("CI"):
+    try:
+      return importlib.import_module(module)
+    except ImportError as err:
+      pytest.fail(f"CI runs every comparison test, but {module} is not "
+                  f"installed ({err}): pip install -e '.[test,parity]'")
+  return pytest.importorskip(module)
 
 
 def train_argv(data_dir, workdir, *extra):

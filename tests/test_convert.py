@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import needs
 from segjax import convert
 from segjax import models
 from segjax import weights
@@ -163,8 +164,8 @@ def test_unknown_name_lists_converters():
 
 @pytest.fixture(scope="module")
 def torch():
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("torchvision")
+  torch = needs("torch")
+  needs("torchvision")
   torch.manual_seed(0)
   torch.set_num_threads(1)
   return torch

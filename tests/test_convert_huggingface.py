@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import needs
 from segjax import cli, convert, models, weights
 from segjax.errors import CheckpointError
 from segjax.models.backbones import mit
@@ -179,8 +180,8 @@ def test_mit_into_and_segjax_convert(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def hf():
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  torch = needs("torch")
+  transformers = needs("transformers")
   torch.manual_seed(0)
   torch.set_num_threads(1)
   return torch, transformers

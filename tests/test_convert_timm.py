@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import needs
 from segjax import cli, convert, models, weights
 from segjax.errors import CheckpointError, ConfigError
 from segjax.models.backbones import vit as vit_lib
@@ -154,8 +155,8 @@ def test_segjax_convert_writes_an_init_checkpoint(small_state, tmp_path, capsys)
 
 @pytest.fixture(scope="module")
 def torch():
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("timm")
+  torch = needs("torch")
+  needs("timm")
   torch.manual_seed(0)
   torch.set_num_threads(1)
   return torch

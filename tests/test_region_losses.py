@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import needs
 from segjax import losses, region_losses
 from segjax.errors import ConfigError
 
@@ -315,7 +316,7 @@ def test_ms_ssim_matches_reference_known_value_identity_symmetry():
 
 @pytest.mark.slow  # importing TensorFlow takes longer than the test
 def test_ms_ssim_matches_tensorflow():
-  tf = pytest.importorskip("tensorflow")
+  tf = needs("tensorflow")
   # 176 = 11 * 2^4: TF needs the full window at every scale.
   x, y = image_pair(seed=2, size=176, noise=0.2)
   want = tf.image.ssim_multiscale(x[None, ..., None], y[None, ..., None],
@@ -325,8 +326,8 @@ def test_ms_ssim_matches_tensorflow():
 
 
 def test_ms_ssim_matches_pytorch_msssim():
-  torch = pytest.importorskip("torch")
-  pytorch_msssim = pytest.importorskip("pytorch_msssim")
+  torch = needs("torch")
+  pytorch_msssim = needs("pytorch_msssim")
   x, y = image_pair(seed=2, size=176, noise=0.2)
   want = pytorch_msssim.ms_ssim(torch.from_numpy(x)[None, None],
                                 torch.from_numpy(y)[None, None],

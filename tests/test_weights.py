@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import needs
 from segjax import cli, convert, models, weights
 from segjax.errors import CheckpointError
 from segjax.models.detection.networks import MaskRCNNNetworks
@@ -97,7 +98,7 @@ def test_model_without_pytorch_weights_and_missing_arguments(resnet50_npz, tmp_p
 
 
 def test_pth_files_need_torch(resnet50_npz, tmp_path, capsys):
-  torch = pytest.importorskip("torch")
+  torch = needs("torch")
   _, state = resnet50_npz
   path = str(tmp_path / "resnet50.pth")
   torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, path)
@@ -271,8 +272,8 @@ def test_resnet_into_mask_rcnn_c4_parity():
   (The FPN variants' body is the ResNet that test_convert's
   test_resnet_into_parity and detection/test_maskrcnn_parity already check.)
   """
-  torch = pytest.importorskip("torch")
-  torchvision = pytest.importorskip("torchvision")
+  torch = needs("torch")
+  torchvision = needs("torchvision")
   torch.manual_seed(0)
   torch.set_num_threads(1)
   net = _randomise_bn(torch, torchvision.models.resnet50())

@@ -7,6 +7,7 @@ import pytest
 import jax
 from jax.test_util import check_grads
 
+from conftest import needs
 from segjax.errors import ConfigError
 from segjax.ops import (BBOX_XFORM_CLIP, batched_nms, box_area, box_iou, clip_boxes,
                         decode_boxes, encode_boxes, generate_anchors, nms)
@@ -111,8 +112,8 @@ def test_anchors_match_definition():
 
 
 def test_matches_torchvision():
-  torch = pytest.importorskip("torch")
-  tvo = pytest.importorskip("torchvision.ops")
+  torch = needs("torch")
+  tvo = needs("torchvision.ops")
   from torchvision.models.detection.anchor_utils import AnchorGenerator
   from torchvision.models.detection.image_list import ImageList
   from torchvision.models.detection._utils import BoxCoder

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.test_util import check_grads
 
+from conftest import needs
 from segjax.errors import ConfigError
 from segjax.ops import dense_crf
 
@@ -100,7 +101,7 @@ def test_grads_vmap_and_errors(small):
 
 @pytest.mark.parametrize("method", ["exact", "fast"])
 def test_agrees_with_pydensecrf(method):
-  dcrf = pytest.importorskip("pydensecrf.densecrf")
+  dcrf = needs("pydensecrf.densecrf")
   labels, image, logits = noisy_scene(48, 48, seed=3)
   h, w, k = logits.shape
   d = dcrf.DenseCRF2D(w, h, k)

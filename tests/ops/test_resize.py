@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.test_util import check_grads
 
+from conftest import needs
 from segjax.errors import ConfigError
 from segjax.ops import (bed_of_nails, bilinear_kernel_init, conv_transpose,
                         conv_transpose_output_size, resize)
@@ -62,7 +63,7 @@ def test_nearest_matches_definition(h, w, oh, ow):
 
 
 def test_resize_matches_torch():
-  torch = pytest.importorskip("torch")
+  torch = needs("torch")
   F = torch.nn.functional
   rng = np.random.RandomState(2)
   for h, w, oh, ow in SIZES + [(13, 17, 52, 68), (9, 9, 33, 65)]:
@@ -134,7 +135,7 @@ def test_conv_transpose_matches_definition(k, s, p, op, d):
 
 
 def test_conv_transpose_matches_torch_and_grads():
-  torch = pytest.importorskip("torch")
+  torch = needs("torch")
   rng = np.random.RandomState(6)
   for k, s, p, op, d in CONVT + [(64, 32, 16, 0, 1)]:
     x = rng.randn(1, 3, 4, 3).astype(np.float32)

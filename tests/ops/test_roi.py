@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.test_util import check_grads
 
+from conftest import needs
 from segjax.errors import ConfigError
 from segjax.ops import fpn_levels, multilevel_roi_align, roi_align, roi_pool
 
@@ -195,8 +196,8 @@ def test_errors(data):
 
 
 def test_matches_torchvision(data):
-  torch = pytest.importorskip("torch")
-  tvo = pytest.importorskip("torchvision.ops")
+  torch = needs("torch")
+  tvo = needs("torchvision.ops")
   from collections import OrderedDict
   feats, boxes, bidx = data
   ft = torch.from_numpy(feats).permute(0, 3, 1, 2)

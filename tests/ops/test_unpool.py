@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.test_util import check_grads
 
+from conftest import needs
 from segjax.errors import ConfigError
 from segjax.ops import max_pool_with_argmax, max_unpool
 
@@ -77,7 +78,7 @@ def test_vmap_and_errors():
 
 
 def test_matches_torch():
-  torch = pytest.importorskip("torch")
+  torch = needs("torch")
   F = torch.nn.functional
   x = np.random.RandomState(3).randn(2, 9, 7, 4).astype(np.float32)
   xt = torch.from_numpy(x).permute(0, 3, 1, 2)

@@ -20,14 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import needs
 from segjax import convert
 from segjax.convert import torchvision as tv_convert
 from segjax.models.detection.fpn import FeaturePyramidNetwork
 from segjax.models.detection.networks import MaskRCNNNetworks
 from segjax.ops import decode_boxes
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+torch = needs("torch")
+torchvision = needs("torchvision")
 
 RTOL = 1e-4
 NUM_CLASSES = 5

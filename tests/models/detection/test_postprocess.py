@@ -14,6 +14,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from conftest import needs
 from segjax.errors import ConfigError
 from segjax.models.detection.postprocess import (class_mask_probs, paste_masks,
                                                  postprocess_detections, select_detections)
@@ -208,8 +209,8 @@ def test_class_mask_probs_picks_the_class_channel():
 
 @pytest.fixture(scope="module")
 def tv():
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("torchvision")
+  torch = needs("torch")
+  needs("torchvision")
   from torchvision.models.detection import roi_heads
   torch.set_num_threads(1)
   return torch, roi_heads

@@ -8,6 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from conftest import needs
 from segjax.errors import ConfigError
 from segjax.models.detection.proposals import select_proposals
 from segjax.ops import anchor_grid
@@ -115,8 +116,8 @@ def test_bad_levels_raise():
 
 
 def test_matches_torchvision_filter_proposals():
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("torchvision")
+  torch = needs("torch")
+  needs("torchvision")
   from torchvision.models.detection._utils import BoxCoder
   from torchvision.models.detection.rpn import RegionProposalNetwork
   obj, deltas, anchors, image = make_case(11)

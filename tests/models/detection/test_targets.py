@@ -7,6 +7,7 @@ import pytest
 
 import jax
 
+from conftest import needs
 from segjax.models.detection.targets import (box_head_losses, mask_loss, mask_targets, match,
                                              roi_targets, rpn_losses, rpn_targets, sample)
 from segjax.ops import generate_anchors
@@ -339,8 +340,8 @@ def test_vmap_batch_end_to_end():
 # --- parity with torchvision (runs where torch + torchvision are importable) ---
 
 def test_matcher_and_rpn_targets_match_torchvision():
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("torchvision")
+  torch = needs("torch")
+  needs("torchvision")
   from torchvision.models.detection._utils import BoxCoder, Matcher
   rng = np.random.RandomState(7)
   gt, anchors = rand_boxes(rng, 6), rand_boxes(rng, 400)
@@ -365,8 +366,8 @@ def test_matcher_and_rpn_targets_match_torchvision():
 
 
 def test_losses_and_mask_targets_match_torchvision():
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("torchvision")
+  torch = needs("torch")
+  needs("torchvision")
   from torchvision.models.detection.roi_heads import (fastrcnn_loss, maskrcnn_loss,
                                                       project_masks_on_boxes)
   rng = np.random.RandomState(3)
