@@ -16,6 +16,18 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# JAX's persistent compilation cache, kept in the checkout's .pytest_cache.
+# The environment carries it to pytest-xdist's workers and to the `segjax`
+# subprocesses the tests start, so a program compiled once (the tiny U-Net's
+# train step, built afresh by every CLI run) is read back everywhere after;
+# a fresh clone starts cold. Every compilation is cached, however short:
+# the tests compile many small programs many times.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(REPO, ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 # torch goes first: loaded after TensorFlow, its LLVM options clash with
 # TensorFlow's and the process dies (seen with torch 2.14 and TF 2.21).
 try:
@@ -25,7 +37,6 @@ except ImportError:
 
 import pytest  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_DATASET = "segjax_shapes/small"
 
 
@@ -36,6 +47,19 @@ def shapes_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   load_builder(SMALL_DATASET, data_dir)
   return data_dir
+
+
+def pytest_collection_modifyitems(items):
+  """Files marked slow go first, the longest (`slow(seconds=...)`) first.
+
+  pytest-xdist hands out whole files (`--dist loadfile`) in collection order
+  (`--no-loadscope-reorder`); starting the longest ones first keeps both
+  workers busy to the end.
+  """
+  def cost(item):
+    slow = item.get_closest_marker("slow")
+    return -slow.kwargs.get("seconds", 1) if slow else 0
+  items.sort(key=cost)
 
 
 def needs(module):
