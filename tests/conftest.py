@@ -28,12 +28,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(REPO, ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-# torch goes first: loaded after TensorFlow, its LLVM options clash with
-# TensorFlow's and the process dies (seen with torch 2.14 and TF 2.21).
-try:
-  import torch  # noqa: E402,F401  pylint: disable=unused-import
-except ImportError:
-  pass
+# PyTorch goes first: loaded after TensorFlow, torch's and triton's (which
+# torchvision loads) LLVM options clash with TensorFlow's and the process dies
+# (seen with torch 2.14, torchvision 0.29 and TF 2.21).
+for _module in ("torch", "torchvision"):
+  try:
+    importlib.import_module(_module)
+  except ImportError:
+    pass
 
 import pytest  # noqa: E402
 
