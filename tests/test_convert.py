@@ -21,7 +21,16 @@ from segjax.models import fcn
 from segjax.models.backbones import resnet as resnet_lib
 from segjax.models.backbones import vgg as vgg_lib
 
-RTOL = 1e-4
+# README "Models" (fcn_resnet50/101, deeplab_v3_resnet50/101: "torchvision
+# checkpoints convert (equal to 2e-6 relative)") and "Parity tests"
+# (fcn_resnet50, deeplabv3_resnet50, vgg16, vgg16_bn, resnet50 "equal to
+# 2e-6 relative"). Measured, under jax.default_matmul_precision("highest")
+# as every comparison here runs: at most 2.05e-6 with this module's seed
+# (vgg16_fc's fc7; the fcn_resnet50 logits 2.04e-6); with three other seeds
+# of the random weights 1.9e-6, 2.0e-6 and 2.9e-6 (fcn_resnet50's logits).
+# The bound leaves room for that and for another CPU's rounding, not for a
+# wrong layout (which errs by O(1)).
+CONVERSION_RTOL = 1e-5
 
 
 def relative_error(ours, theirs):
@@ -217,7 +226,7 @@ def test_segmentation_parity(torch, name, builder):
   err = relative_error(outputs["logits"], _nhwc(expected["out"]))
   aux_err = relative_error(outputs["aux"][0], _nhwc(expected["aux"]))
   print(f"{name}: logits rel err {err:.2e}, aux {aux_err:.2e}")
-  assert err < RTOL and aux_err < RTOL
+  assert err <= CONVERSION_RTOL and aux_err <= CONVERSION_RTOL
 
 
 def test_resnet50_parity(torch):
@@ -236,7 +245,7 @@ def test_resnet50_parity(torch):
   for key, value in expected.items():
     err = relative_error(outputs[key], _nhwc(value))
     print(f"resnet50 {key}: rel err {err:.2e}")
-    assert err < RTOL, key
+    assert err <= CONVERSION_RTOL, key
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -258,7 +267,7 @@ def test_vgg16_parity(torch, batch_norm):
   for i, value in enumerate(expected, 1):
     err = relative_error(outputs[f"pool{i}"], _nhwc(value))
     print(f"vgg16{'_bn' * batch_norm} pool{i}: rel err {err:.2e}")
-    assert err < RTOL
+    assert err <= CONVERSION_RTOL
 
 
 def test_vgg16_ceil_mode_and_first_padding_parity(torch):
@@ -277,7 +286,7 @@ def test_vgg16_ceil_mode_and_first_padding_parity(torch):
   outputs = _apply(model, variables, images)
   err = relative_error(outputs["pool5"], _nhwc(expected))
   print(f"vgg16 ceil_mode pool5: rel err {err:.2e}")
-  assert err < RTOL
+  assert err <= CONVERSION_RTOL
 
 
 # --- VGG-based seed models (fcn*, deeplab_v1, parsenet, segnet, deconvnet) --
@@ -340,7 +349,7 @@ def test_vgg16_fc_parity(torch):
   err5 = relative_error(outputs["pool5"], _nhwc(pool5))
   err7 = relative_error(outputs["fc7"][0, 3, 3], fc7.numpy()[0])
   print(f"vgg16_fc pool5 rel err {err5:.2e}, fc7 {err7:.2e}")
-  assert err5 < RTOL and err7 < RTOL
+  assert err5 <= CONVERSION_RTOL and err7 <= CONVERSION_RTOL
   # The same weights in fcn32s (Caffe alignment) run end to end.
   model = models.build("fcn32s", 5)
   init = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
@@ -427,4 +436,4 @@ def test_resnet_into_parity(torch):
   for key, value in (("c2", c2), ("c5", c5)):
     err = relative_error(features[key], _nhwc(value))
     print(f"resnet_into deeplab_v3_plus {key}: rel err {err:.2e}")
-    assert err < RTOL, key
+    assert err <= CONVERSION_RTOL, key

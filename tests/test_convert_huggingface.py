@@ -5,8 +5,9 @@ and `segjax convert` run on numpy state dicts (no torch). The parity tests
 convert randomly initialised transformers models (every bias, norm and BN
 statistic randomised, so a swapped pair would show) and compare in eval mode
 at a non-square size that is not a multiple of 32. Error measure:
-max |ours - HF| / max |HF| per output (test_convert.relative_error), below
-1e-4. They skip cleanly where torch or transformers is not installed.
+max |ours - HF| / max |HF| per output (test_convert.relative_error), at
+most HF_RTOL. They skip cleanly where torch or transformers is not
+installed.
 """
 import os
 import re
@@ -24,7 +25,12 @@ from segjax.train import checkpoint
 
 from test_convert import _random_state, relative_error  # pylint: disable=import-error
 
-RTOL = 1e-4
+# README "Parity tests" states "logits equal to 1e-4 relative"; measured,
+# under jax.default_matmul_precision("highest"): B0 logits 3.4e-7, the
+# non-default configuration's 1.6e-7, the MiT-B0 stage outputs 4e-7..1.0e-6
+# (at most 1.1e-6 with other seeds of the random weights). The bound is
+# what is achieved, with room for another CPU's rounding.
+HF_RTOL = 5e-6
 NARROW = dict(hidden_sizes=(8, 16, 16, 16), num_heads=(1, 2, 2, 2),
               depths=(1, 2, 1, 1))
 SEG = dict(NARROW, num_classes=3, decoder_width=16)
@@ -236,7 +242,7 @@ def test_segformer_b0_parity(hf):
   outputs = _apply(models.build("segformer_b0", 5), variables, images)
   err = relative_error(outputs["logits"], _hf_logits(torch, net, x))
   print(f"segformer_b0: logits rel err {err:.2e}")
-  assert err < RTOL
+  assert err <= HF_RTOL
 
 
 def test_non_default_configuration_parity(hf):
@@ -259,7 +265,7 @@ def test_non_default_configuration_parity(hf):
   err = relative_error(_apply(model, variables, images)["logits"],
                        _hf_logits(torch, net, x))
   print(f"non-default segformer: logits rel err {err:.2e}")
-  assert err < RTOL
+  assert err <= HF_RTOL
 
 
 def test_encoder_parity(hf):
@@ -277,4 +283,4 @@ def test_encoder_parity(hf):
   for name, value in zip(mit.FEATURES, hidden):
     err = relative_error(outputs[name], value.numpy().transpose(0, 2, 3, 1))
     print(f"mit_b0 {name}: rel err {err:.2e}")
-    assert err < RTOL, name
+    assert err <= HF_RTOL, name

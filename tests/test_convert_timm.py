@@ -23,7 +23,10 @@ from segjax.train import checkpoint
 
 from test_convert import _random_state, relative_error  # pylint: disable=import-error
 
-RTOL = 1e-4
+# No figure in the README ("Parity tests" lists the test without one).
+# Measured under jax.default_matmul_precision("highest"): intermediate
+# layers 4.5e-7..8.1e-7; the position-embedding resize 1.2e-7..1.8e-6.
+TIMM_RTOL = 5e-6
 SMALL = dict(width=32, depth=2, num_heads=2)
 
 
@@ -209,7 +212,7 @@ def test_intermediate_layers_parity(torch, size, norm):
   for layer, got, want in zip((1, 3), ours, expected):
     err = relative_error(got, _nhwc(want))
     print(f"timm ViT {size} block {layer} norm={norm}: rel err {err:.2e}")
-    assert err < RTOL
+    assert err <= TIMM_RTOL
 
 
 def test_plain_bicubic_resize_parity(torch):
@@ -224,7 +227,7 @@ def test_plain_bicubic_resize_parity(torch):
     got = np.concatenate([pos[0, :1].numpy(), np.asarray(grid)])
     err = relative_error(got, want[0].numpy())
     print(f"resample_abs_pos_embed 24x24 -> {new}: rel err {err:.2e}")
-    assert err < 1e-5
+    assert err <= TIMM_RTOL
 
 
 def test_real_vit_b_state_dict_converts(torch):

@@ -291,6 +291,10 @@ def image_pair(seed=0, size=64, noise=0.3):
 
 # np_ms_ssim(*image_pair()): a regression value for the float64 reference.
 KNOWN_MS_SSIM = 0.4419429487276174
+# No README figure. Measured (float32 MS-SSIM, relative): 3.1e-7 against the
+# float64 reference, 1.1e-6 against TensorFlow's ssim_multiscale, 2.8e-6
+# against pytorch_msssim.
+MS_SSIM_RTOL = 1e-5
 
 
 def test_ms_ssim_matches_reference_known_value_identity_symmetry():
@@ -304,10 +308,10 @@ def test_ms_ssim_matches_reference_known_value_identity_symmetry():
                        )(xs, ys)
   assert got.shape == (2, 2) and got.dtype == jnp.float32
   want = [[np_ms_ssim(x, y), np_ms_ssim(u, v)], [np_ms_ssim(y, x), 1.0]]
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=MS_SSIM_RTOL, atol=1e-6)
   # The known value (from np_ms_ssim on this fixed pair; float64).
   np.testing.assert_allclose(np_ms_ssim(x, y), KNOWN_MS_SSIM, rtol=1e-6)
-  np.testing.assert_allclose(got[0, 0], KNOWN_MS_SSIM, rtol=1e-4)
+  np.testing.assert_allclose(got[0, 0], KNOWN_MS_SSIM, rtol=MS_SSIM_RTOL)
   np.testing.assert_allclose(got[0, 0], got[1, 0], rtol=1e-6)  # symmetric
   np.testing.assert_allclose(got[1, 1], 1.0, rtol=1e-6)        # (x, x)
   # A data range twice as wide makes the same pair look more similar.
@@ -322,7 +326,7 @@ def test_ms_ssim_matches_tensorflow():
   want = tf.image.ssim_multiscale(x[None, ..., None], y[None, ..., None],
                                   max_val=1.0).numpy()
   got = jax.jit(region_losses.ms_ssim)(x[None, ..., None], y[None, ..., None])
-  np.testing.assert_allclose(got[0, 0], want[0], rtol=1e-4)
+  np.testing.assert_allclose(got[0, 0], want[0], rtol=MS_SSIM_RTOL)
 
 
 def test_ms_ssim_matches_pytorch_msssim():
@@ -333,7 +337,7 @@ def test_ms_ssim_matches_pytorch_msssim():
                                 torch.from_numpy(y)[None, None],
                                 data_range=1.0).item()
   got = jax.jit(region_losses.ms_ssim)(x[None, ..., None], y[None, ..., None])
-  np.testing.assert_allclose(got[0, 0], want, rtol=1e-4)
+  np.testing.assert_allclose(got[0, 0], want, rtol=MS_SSIM_RTOL)
 
 
 def test_ms_ssim_loss_matches_reference():
@@ -347,7 +351,7 @@ def test_ms_ssim_loss_matches_reference():
     scores = [np_ms_ssim(probs[i, ..., c] * valid,
                          (labels[i] == c) * valid) for c in range(3)]
     want.append(1 - np.mean(scores))
-  np.testing.assert_allclose(got, np.mean(want), rtol=1e-4)
+  np.testing.assert_allclose(got, np.mean(want), rtol=MS_SSIM_RTOL)
   with pytest.raises(ValueError, match="16"):
     region_losses.ms_ssim_loss(logits[:, :8], labels[:, :8])
 

@@ -16,7 +16,7 @@ from segjax.models.detection.networks import MaskRCNNNetworks
 from segjax.train import checkpoint
 
 from test_convert import (  # pylint: disable=import-error
-    _input, _nhwc, _random_state, _randomise_bn, relative_error)
+    CONVERSION_RTOL, _input, _nhwc, _random_state, _randomise_bn, relative_error)
 
 
 def _run(capsys, *argv):
@@ -292,4 +292,6 @@ def test_resnet_into_mask_rcnn_c4_parity():
   for key, a, b in (("c4", feats["c4"], c4), ("res5", ours, res5)):
     err = relative_error(a, _nhwc(b))
     print(f"resnet_into mask_rcnn_r50_c4 {key}: rel err {err:.2e}")
-    assert err < 1e-4, key
+    # README "Parity tests": C4 features and the res5 head "to 2e-6
+    # relative" (measured 1.5e-6 and 1.0e-6).
+    assert err <= CONVERSION_RTOL, key

@@ -12,6 +12,11 @@ from segjax.errors import ConfigError
 from segjax.ops import (BBOX_XFORM_CLIP, batched_nms, box_area, box_iou, clip_boxes,
                         decode_boxes, encode_boxes, generate_anchors, nms)
 
+# Against torchvision's BoxCoder (no README figure). Measured: decoding
+# equal, encoding within 2.4e-7 of deltas up to 5e2 (the same float32
+# operations); relative, so the bound scales with the deltas.
+TORCHVISION_BOX_CODER_RTOL = 1e-6
+
 
 def rand_boxes(rng, n, size=100.0):
   xy = rng.uniform(0, size, (n, 2))
@@ -135,10 +140,11 @@ def test_matches_torchvision():
   coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
   anchors = rand_boxes(rng, 30, 200.0)
   d = coder.encode_single(torch.from_numpy(boxes[:30]), torch.from_numpy(anchors)).numpy()
-  np.testing.assert_allclose(encode_boxes(boxes[:30], anchors, coder.weights), d, atol=1e-4)
+  np.testing.assert_allclose(encode_boxes(boxes[:30], anchors, coder.weights), d,
+                             rtol=TORCHVISION_BOX_CODER_RTOL, atol=1e-6)
   dec = coder.decode_single(torch.from_numpy(d * 3), torch.from_numpy(anchors)).numpy()
-  np.testing.assert_allclose(decode_boxes(d * 3, anchors, coder.weights), dec, rtol=1e-4,
-                             atol=1e-3)
+  np.testing.assert_allclose(decode_boxes(d * 3, anchors, coder.weights), dec,
+                             rtol=TORCHVISION_BOX_CODER_RTOL, atol=1e-6)
   sizes = ((32,), (64,), (128,))
   ratios = ((0.5, 1.0, 2.0),) * 3
   gen = AnchorGenerator(sizes, ratios)

@@ -38,6 +38,18 @@ def ref_dense_crf(logits, image, iters, gs, gc, bs, br, bc):
   return q.reshape(h, w, k)
 
 
+# README "Operators": the CRF's fast path "agrees with pydensecrf on 100 % of
+# labels in the tests (mean |dQ| 3e-6) and with the exact N x N mean field to
+# mean |dQ| 1e-3". Measured: fast vs pydensecrf 3.0e-6 (48 x 48, 10
+# iterations; 1.2e-6 at 96 x 112); fast vs exact 1.0e-3 (24 x 28, 5
+# iterations).
+PYDENSECRF_MEAN_DQ = {
+    "fast": 5e-6,
+    # Not a README figure: exact against densecrf's lattice, measured 2.0e-5.
+    "exact": 5e-5,
+}
+FAST_VS_EXACT_MEAN_DQ = 2e-3
+
 PARAMS = dict(num_iters=5, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=20.0,
               bilateral_srgb=13.0, bilateral_compat=10.0)
 
@@ -55,14 +67,17 @@ def test_exact_path_equals_explicit_mean_field(small):
 
 
 def test_fast_path_error_against_exact(small):
+  """The README's "with the exact N x N mean field to mean |dQ| 1e-3"."""
   labels, image, logits = small
   exact = np.asarray(dense_crf(logits[None], image[None], method="exact", **PARAMS))[0]
   fast = np.asarray(dense_crf(logits[None], image[None], method="fast", **PARAMS))[0]
-  err = np.abs(fast - exact)
+  err = np.abs(fast - exact).mean()
+  agree = (fast.argmax(-1) == exact.argmax(-1)).mean()
+  print(f"fast vs exact: mean |dQ| {err:.2e}, labels agree on {agree:.2%}")
   # Permutohedral lattice, measured: mean |dQ| 1.0e-3, labels agree on
-  # 99.85 % of pixels (one of 672); 48 x 48 scenes: 3e-5 and 100 %.
-  assert err.mean() < 0.005, err.mean()
-  assert (fast.argmax(-1) == exact.argmax(-1)).mean() > 0.99
+  # 99.85 % of pixels (one of 672); 48 x 48 scenes: 4e-5 and 100 %.
+  assert err <= FAST_VS_EXACT_MEAN_DQ, err
+  assert agree >= 1 - 1 / labels.size, agree  # at most one pixel differs
 
 
 @pytest.mark.parametrize("method,size", [("exact", (48, 48)), ("fast", (48, 48)),
@@ -101,6 +116,14 @@ def test_grads_vmap_and_errors(small):
 
 @pytest.mark.parametrize("method", ["exact", "fast"])
 def test_agrees_with_pydensecrf(method):
+  """Probabilities, not only labels, against the reference C++ code.
+
+  pydensecrf's inference(n) returns Q as [K, H*W]. "fast" filters the
+  bilateral kernel on a permutohedral lattice as densecrf does (its Gaussian
+  kernel is an exact separable convolution, densecrf's a lattice too), so it
+  meets the README's figure; "exact" computes the kernels that both lattices
+  approximate, so it differs by the lattice's error.
+  """
   dcrf = needs("pydensecrf.densecrf")
   labels, image, logits = noisy_scene(48, 48, seed=3)
   h, w, k = logits.shape
@@ -110,7 +133,11 @@ def test_agrees_with_pydensecrf(method):
   d.setUnaryEnergy(np.ascontiguousarray(nlp.reshape(-1, k).T.astype(np.float32)))
   d.addPairwiseGaussian(sxy=3, compat=3)
   d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.ascontiguousarray(image), compat=10)
-  ref = np.array(d.inference(10)).reshape(k, h, w).argmax(0)
-  got = np.asarray(dense_crf(logits[None], image[None], method=method))[0].argmax(-1)
-  assert (got == ref).mean() >= 0.97
-  assert (ref == labels).mean() >= 0.97
+  want = np.array(d.inference(10)).reshape(k, h, w).transpose(1, 2, 0)
+  got = np.asarray(dense_crf(logits[None], image[None], method=method))[0]
+  err = np.abs(got - want).mean()
+  agree = (got.argmax(-1) == want.argmax(-1)).mean()
+  print(f"{method} vs pydensecrf: mean |dQ| {err:.2e}, labels agree on {agree:.2%}")
+  assert agree == 1.0, agree
+  assert err <= PYDENSECRF_MEAN_DQ[method], err
+  assert (want.argmax(-1) == labels).mean() >= 0.97  # the scene is a fair test

@@ -11,6 +11,12 @@ from segjax.errors import ConfigError
 from segjax.ops import (bed_of_nails, bilinear_kernel_init, conv_transpose,
                         conv_transpose_output_size, resize)
 
+# Against PyTorch (no README figure: "Parity tests" names these comparisons
+# without one). Measured max |ours - torch| on O(1) inputs: F.interpolate
+# 1.8e-6, conv_transpose2d 3.8e-6 (outputs up to 17).
+TORCH_RESIZE_ATOL = 1e-5
+TORCH_CONV_TRANSPOSE_ATOL = 2e-5
+
 SIZES = [(5, 7, 10, 14), (5, 7, 20, 28), (8, 8, 3, 5), (4, 6, 9, 13), (7, 5, 7, 11),
          (1, 3, 4, 4), (3, 3, 1, 1), (6, 6, 24, 24)]
 
@@ -72,7 +78,7 @@ def test_resize_matches_torch():
     for ac in (False, True):
       want = F.interpolate(xt, size=(oh, ow), mode="bilinear", align_corners=ac)
       np.testing.assert_allclose(resize(x, (oh, ow), align_corners=ac),
-                                 want.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+                                 want.permute(0, 2, 3, 1).numpy(), atol=TORCH_RESIZE_ATOL)
     want = F.interpolate(xt, size=(oh, ow), mode="nearest").permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(resize(x, (oh, ow), "nearest"), want)
 
@@ -144,7 +150,7 @@ def test_conv_transpose_matches_torch_and_grads():
         torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(wt), stride=s,
         padding=p, output_padding=op, dilation=d).permute(0, 2, 3, 1).numpy()
     got = conv_transpose(x, jnp.asarray(wt.transpose(2, 3, 0, 1)), s, p, op, d)
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(got, want, atol=TORCH_CONV_TRANSPOSE_ATOL)
 
 
 def test_conv_transpose_grads_and_errors():

@@ -12,6 +12,13 @@ from conftest import needs
 from segjax.errors import ConfigError
 from segjax.ops import fpn_levels, multilevel_roi_align, roi_align, roi_pool
 
+# Against torchvision (no README figure: "Parity tests" names these
+# comparisons without one). Measured max |ours - torchvision| on N(0, 1)
+# features, both impls: roi_align 7.2e-7, its gradient 1.9e-6,
+# MultiScaleRoIAlign 2.4e-7. ROI Pool is compared for equality.
+TORCHVISION_ROI_ALIGN_ATOL = 5e-6
+TORCHVISION_ROI_ALIGN_GRAD_ATOL = 1e-5
+
 
 def ref_bilinear(f, y, x):
   """torchvision's bilinear_interpolate (one channel-vector) with its boundary rules."""
@@ -209,14 +216,15 @@ def test_matches_torchvision(data):
         for impl in ("gather", "einsum"):
           got = roi_align(feats, boxes, bidx, out, scale, sr, aligned,
                           max_sampling_ratio=12, impl=impl)
-          np.testing.assert_allclose(got, want, atol=1e-5)
+          np.testing.assert_allclose(got, want, atol=TORCHVISION_ROI_ALIGN_ATOL)
       want = tvo.roi_pool(ft, rois, out, scale).permute(0, 2, 3, 1).numpy()
       np.testing.assert_array_equal(roi_pool(feats, boxes, bidx, out, scale), want)
   # Gradients w.r.t. features equal torchvision's backward.
   ftg = ft.clone().requires_grad_(True)
   tvo.roi_align(ftg, rois, (3, 3), 0.5, 2, True).pow(2).sum().backward()
   g = jax.grad(lambda f: jnp.sum(roi_align(f, boxes, bidx, 3, 0.5, 2, True) ** 2))(feats)
-  np.testing.assert_allclose(g, ftg.grad.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+  np.testing.assert_allclose(g, ftg.grad.permute(0, 2, 3, 1).numpy(),
+                             atol=TORCHVISION_ROI_ALIGN_GRAD_ATOL)
   # FPN: MultiScaleRoIAlign.
   rng = np.random.RandomState(2)
   img = (256, 320)
@@ -229,4 +237,5 @@ def test_matches_torchvision(data):
   want = m(x, [torch.from_numpy(b[bi == k]) for k in range(2)], [img, img])
   for impl in ("gather", "einsum"):
     got = multilevel_roi_align(fl, b, bi, 7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2, impl=impl)
-    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(),
+                               atol=TORCHVISION_ROI_ALIGN_ATOL)

@@ -30,7 +30,15 @@ from segjax.ops import decode_boxes
 torch = needs("torch")
 torchvision = needs("torchvision")
 
-RTOL = 1e-4
+# README "Parity tests": "FPN features, RPN outputs and box/mask head outputs
+# for the same proposals to 4e-6 relative" (measured: at most 3.1e-6).
+MASKRCNN_RTOL = 1e-5
+# Proposals decoded from the RPN deltas: decoding itself is exact (1e-9 on
+# torchvision's own deltas), but it multiplies the deltas' error by the
+# anchor sizes, so a random RPN's huge deltas (up to 1.5e3) come out at
+# 6.9e-6 here, 6e-6..1.4e-5 over six seeds of the backbone's init (the
+# other outputs: 2.1e-6..3.1e-6).
+DECODED_RTOL = 3e-5
 NUM_CLASSES = 5
 IMAGE = (160, 224)
 # Per image, (x1, y1, x2, y2): sqrt(area) from 3.5 to 614 px, so FPN level
@@ -83,6 +91,19 @@ def _randomise_heads(net, generator):
         p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p[0].numel()))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def highest_precision():
+  """Full float32 matmuls and convolutions, as PyTorch's CPU kernels do.
+
+  On XLA:CPU the figures are the same either way (measured); on a GPU or
+  TPU the default precision would take TF32 / bfloat16 passes and the test
+  would measure those rather than the conversion. Module-scoped and
+  autouse, so it is set before `case` compiles anything.
+  """
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 @pytest.fixture(scope="module")
 def case():
   """torchvision's and our outputs on the same images and proposals."""
@@ -90,6 +111,10 @@ def case():
   from torchvision.models.detection.image_list import ImageList
   from torchvision.models.detection.rpn import concat_box_prediction_layers
   torch.set_num_threads(1)
+  # The backbone's convs keep torchvision's init, drawn from the global
+  # generator: seeded, so the figures do not depend on which tests ran
+  # before in the process.
+  torch.manual_seed(0)
   generator = torch.Generator().manual_seed(0)
   net = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
                               num_classes=NUM_CLASSES)
@@ -132,10 +157,10 @@ def case():
               rois_image=rois_image)
 
 
-def _check(name, ours, theirs):
+def _check(name, ours, theirs, rtol=MASKRCNN_RTOL):
   err = relative_error(ours, theirs)
   print(f"{name}: rel err {err:.2e}")
-  assert err < RTOL, name
+  assert err <= rtol, (name, err)
 
 
 def test_backbone_fpn_features(case):
@@ -152,7 +177,7 @@ def test_rpn_head_outputs_and_their_anchors(case):
   # Each delta decodes against its own anchor, as in torchvision.
   proposals = jax.vmap(decode_boxes, (0, None))(jnp.concatenate(ours["rpn_deltas"], 1),
                                                 anchors)
-  _check("decoded proposals", proposals, ref["proposals"])
+  _check("decoded proposals", proposals, ref["proposals"], DECODED_RTOL)
 
 
 def test_roi_aligned_features(case):
@@ -200,7 +225,7 @@ def test_coco_v1_zero_eps_frozen_bn(case):
     feats = case["forward"](variables, case["images"])["features"]
     errs = [relative_error(feats[n], nhwc(e)) for n, e in zip(FPN_NAMES, expected)]
     print(f"frozen_bn_eps={eps}: max rel err {max(errs):.2e}")
-    assert (max(errs) < RTOL) == close
+    assert (max(errs) <= MASKRCNN_RTOL) == close
 
 
 def test_fpn_alone_at_sizes_that_do_not_halve():
