@@ -10,6 +10,8 @@ Modes (config `eval.mode`):
   slide  crop_size windows every `stride` pixels (mmsegmentation's
          slide_inference: the last window of a row or column is shifted to
          end at the border); the logits of overlapping windows are averaged.
+         Along a side shorter than the crop the window is that side, as
+         mmsegmentation runs the model on the smaller patch unpadded.
   Both run at every scale of `eval.scales` (the image resized by that
   factor, PyTorch bilinear) and, with `eval.flip`, on its mirror image too;
   the softmax probabilities of all runs are resized back to the image and
@@ -23,10 +25,12 @@ region only (segjax.ops.region_resize), so one program serves every image
 whose canvas is the same, whatever its size. Each distinct canvas compiles
 once (`Segmenter.compilations` counts them). What padding changes: with
 `resize_to` or in slide mode, nothing as long as the image is at least a
-crop large (the model only sees image pixels); in whole mode at the native
-size, the model also sees the zero (mean-colour) padding right and below
-the image, which CNNs feel near those borders; set `eval.bucket=1` for exact
-native-size inference at one compilation per image size.
+crop large (the model only sees image pixels; along a side shorter than a
+crop the window spans the canvas, up to bucket - 1 pixels of padding); in
+whole mode at the native size, the model also sees the zero (mean-colour)
+padding right and below the image, which CNNs feel near those borders; set
+`eval.bucket=1` for exact native-size inference at one compilation per
+image size.
 """
 import dataclasses
 import math
@@ -179,36 +183,37 @@ class Segmenter:
     one batch. Windows a smaller image does not need are computed and given
     weight 0 (the canvas fixes how many there can be)."""
     (ch, cw), (sh, sw) = self.options.crop_size, self.options.stride
-    # A canvas smaller than a crop is padded up to it (with zeros, as the
-    # windows of an image smaller than a crop see padding).
-    pad_h, pad_w = max(ch - canvas.shape[1], 0), max(cw - canvas.shape[2], 0)
-    canvas = jnp.pad(canvas, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     height, width = canvas.shape[1:3]
-    rows = max(-(-(height - ch) // sh), 0) + 1
-    cols = max(-(-(width - cw) // sw), 0) + 1
+    # Where the canvas is smaller than a crop, the window is the canvas side:
+    # mmsegmentation runs the model on the smaller patch, unpadded. (With
+    # eval.bucket > 1 the canvas may still hold up to bucket - 1 pixels of
+    # padding there, which the model then sees.)
+    wh, ww = min(ch, height), min(cw, width)
+    rows = max(-(-(height - wh) // sh), 0) + 1
+    cols = max(-(-(width - ww) // sw), 0) + 1
     need_rows = jnp.maximum(valid[0] - ch + sh - 1, 0) // sh + 1
     need_cols = jnp.maximum(valid[1] - cw + sw - 1, 0) // sw + 1
     corners, crops = [], []
     for i in range(rows):
       for j in range(cols):
-        y = jnp.maximum(jnp.minimum(i * sh, valid[0] - ch), 0)
-        x = jnp.maximum(jnp.minimum(j * sw, valid[1] - cw), 0)
+        # The last window of a row or column ends at the image's border.
+        y = jnp.maximum(jnp.minimum(i * sh, valid[0] - wh), 0)
+        x = jnp.maximum(jnp.minimum(j * sw, valid[1] - ww), 0)
         weight = ((i < need_rows) & (j < need_cols)).astype(jnp.float32)
         corners.append((y, x, weight))
         crops.append(jax.lax.dynamic_slice(canvas, (0, y, x, 0),
-                                           (1, ch, cw, canvas.shape[3])))
+                                           (1, wh, ww, canvas.shape[3])))
     logits = self._apply(variables, jnp.concatenate(crops))
     total = jnp.zeros((1, height, width, logits.shape[-1]), jnp.float32)
     count = jnp.zeros((1, height, width, 1), jnp.float32)
     for (y, x, weight), window in zip(corners, logits):
       at = (0, y, x, 0)
       total = jax.lax.dynamic_update_slice(
-          total, jax.lax.dynamic_slice(total, at, (1, ch, cw, total.shape[3]))
+          total, jax.lax.dynamic_slice(total, at, (1, wh, ww, total.shape[3]))
           + weight * window[None], at)
       count = jax.lax.dynamic_update_slice(
-          count, jax.lax.dynamic_slice(count, at, (1, ch, cw, 1)) + weight, at)
-    out = total / jnp.maximum(count, 1.0)
-    return out[:, :height - pad_h, :width - pad_w]
+          count, jax.lax.dynamic_slice(count, at, (1, wh, ww, 1)) + weight, at)
+    return total / jnp.maximum(count, 1.0)
 
 
 def evaluate(segmenter: Segmenter, variables, examples, num_classes: int,

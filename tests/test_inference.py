@@ -90,6 +90,81 @@ def test_slide_counts_overlaps_like_mmsegmentation():
   np.testing.assert_allclose(slide, whole, atol=1e-6)
 
 
+class WindowAware(nn.Module):
+  """Logits that depend on the whole input and on where a pixel lies in it:
+  a 3x3 conv with zero padding (a window's border pixels see zeros), ramps
+  over the input's rows and columns relative to its size, and a term of
+  the input's mean (as the image pooling of PSPNet or ASPP). Every window
+  placement and size, and zero padding, gives its pixels other logits,
+  unlike a pointwise model."""
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h, w = x.shape[1:3]
+    rows = jnp.broadcast_to(jnp.arange(h, dtype=jnp.float32)[:, None] / h, (h, w))
+    cols = jnp.broadcast_to(jnp.arange(w, dtype=jnp.float32)[None, :] / w, (h, w))
+    ramps = 4 * jnp.stack([rows, cols, -(rows + cols) / 2], axis=-1)
+    pooled = nn.Dense(self.num_classes)(x.mean(axis=(1, 2), keepdims=True))
+    conv = nn.Conv(self.num_classes, (3, 3), padding="SAME")(x)
+    return {"logits": conv + ramps + pooled}
+
+
+def mmseg_slide_probs(apply, x, crop, stride):
+  """mmsegmentation's EncoderDecoder.slide_inference, written out with numpy:
+  windows at multiples of the stride, the last one of a row or column moved
+  back to end at the border, each clipped to the image (a side shorter than
+  the crop is run unpadded), every window run on its own, the logits summed
+  and divided by the per-pixel window count; then the softmax."""
+  height, width = x.shape[:2]
+  (ch, cw), (sh, sw) = crop, stride
+  h_grids = max(height - ch + sh - 1, 0) // sh + 1
+  w_grids = max(width - cw + sw - 1, 0) // sw + 1
+  preds = np.zeros((height, width, 3))
+  count = np.zeros((height, width, 1))
+  for i in range(h_grids):
+    for j in range(w_grids):
+      y1, x1 = i * sh, j * sw
+      y2, x2 = min(y1 + ch, height), min(x1 + cw, width)
+      y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+      preds[y1:y2, x1:x2] += np.asarray(apply(x[None, y1:y2, x1:x2]))[0]
+      count[y1:y2, x1:x2] += 1
+  assert (count > 0).all()
+  return np.asarray(jax.nn.softmax(preds / count, axis=-1))
+
+
+@pytest.mark.parametrize("hw,crop,stride,bucket", [
+    # Rows at 0, 24 and 38 (shifted back from 48); columns 0 and 20 fit.
+    ((70, 52), (32, 32), (24, 20), 32),
+    ((70, 52), (32, 32), (24, 20), 1),
+    # Tiles without overlap.
+    ((64, 96), (32, 32), (32, 32), 32),
+    # Up to four windows a pixel; the last row and column both shifted.
+    ((45, 61), (32, 24), (10, 16), 32),
+    # Shorter than the crop: windows 20 rows high (exact with bucket 1) ...
+    ((20, 70), (32, 32), (24, 24), 1),
+    # ... or one window, the whole image.
+    ((20, 28), (32, 32), (24, 24), 1),
+])
+def test_slide_places_windows_like_mmsegmentation(hw, crop, stride, bucket):
+  """Slide mode equals mmsegmentation's slide_inference run window by window
+  for a model whose logits depend on its whole window and the position in
+  it, so a wrong stride, a last window not moved back to the border, a
+  window not clipped to a short image (run zero-padded to the crop
+  instead), or averaging probabilities instead of logits changes the
+  result. With bucket 32 the image sits on a larger canvas whose padding no
+  window may read."""
+  model, variables = setup_model(WindowAware())
+  apply = jax.jit(lambda x: model.apply(variables, x)["logits"])
+  x = image(*hw, seed=11)
+  segmenter = Segmenter(model, InferenceOptions(mode="slide", crop_size=crop,
+                                                stride=stride, bucket=bucket))
+  labels, probs = segmenter(variables, x)
+  want = mmseg_slide_probs(apply, x, crop, stride)
+  np.testing.assert_allclose(probs, want, atol=1e-5)
+  np.testing.assert_array_equal(labels, want.argmax(-1))
+
+
 def test_flip_tta_is_invariant_under_flipping_the_input(unet):
   model, variables = unet
   x = image(40, 56, seed=3)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from segjax import metrics
 from segjax.data import pipeline
 from segjax.errors import DataError
 from segjax.train import loop
@@ -67,14 +68,56 @@ def test_eval_batches_cover_each_example_once(shapes_dir, process_count, local_d
   assert sorted(seen) == sorted(np.concatenate(reference))
 
 
-@pytest.mark.parametrize("num_devices", [1, 3, 8])
-def test_evaluation_counts_each_pixel_once(shapes_dir, tmp_path, num_devices):
-  config = tiny_config(shapes_dir, "eval.batch_size=5")
-  with loop.Trainer(config, str(tmp_path), devices=jax.devices()[:num_devices]) as trainer:
+@pytest.fixture(scope="module")
+def initial_state(shapes_dir, tmp_path_factory):
+  """The tiny U-Net's initial state on the host (initialising it takes most
+  of an evaluation's time, and it is the same for every device count)."""
+  config = tiny_config(shapes_dir)
+  with loop.Trainer(config, str(tmp_path_factory.mktemp("init")),
+                    devices=jax.devices()[:1]) as trainer:
     state, _ = trainer.initial_state()
-    result = trainer.evaluate(state)
-  assert result["num_pixels"] == 16 * 64 * 64
-  assert 0.0 <= result["miou"] <= 1.0
+    return jax.device_get(trainer.par.host_state(state))
+
+
+def _evaluate_on(data_dir, workdir, state, num_devices, mode, monkeypatch):
+  """Trainer.evaluate's scores and the confusion matrix they came from."""
+  seen = []
+  scores = metrics.scores
+  monkeypatch.setattr(metrics, "scores", lambda cm: seen.append(cm) or scores(cm))
+  config = tiny_config(data_dir, "eval.batch_size=5", f"parallel.mode={mode}")
+  with loop.Trainer(config, str(workdir), devices=jax.devices()[:num_devices]) as trainer:
+    result = trainer.evaluate(trainer.par.put_state(state))
+  (confusion,) = seen
+  return result, np.asarray(confusion)
+
+
+@pytest.fixture(scope="module")
+def one_device_evaluation(shapes_dir, tmp_path_factory, initial_state):
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    return _evaluate_on(shapes_dir, tmp_path_factory.mktemp("one_device"), initial_state,
+                        1, "jit", monkeypatch)
+
+
+def test_one_device_evaluation_counts_each_pixel_once(one_device_evaluation):
+  result, confusion = one_device_evaluation
+  assert result["num_pixels"] == confusion.sum() == 16 * 64 * 64
+  # The initial model predicts several classes, so a device that scored
+  # another example's pixels, or one example twice, would show.
+  assert (confusion.sum(0) > 0).sum() >= 2
+
+
+@pytest.mark.parametrize("num_devices,mode", [(3, "jit"), (8, "jit"), (3, "pmap")])
+def test_evaluation_on_devices_equals_one_device(shapes_dir, tmp_path, monkeypatch,
+                                                 initial_state, one_device_evaluation,
+                                                 num_devices, mode):
+  """16 examples in batches of 5, padded to 6 on 3 devices or 8 on 8: every
+  pixel is scored once, by the same model, so the confusion matrix (and so
+  every score) equals the single-device one."""
+  want, want_confusion = one_device_evaluation
+  result, confusion = _evaluate_on(shapes_dir, tmp_path, initial_state, num_devices,
+                                   mode, monkeypatch)
+  np.testing.assert_array_equal(confusion, want_confusion)
+  np.testing.assert_equal(result, want)
 
 
 def test_labels_out_of_range_are_refused(shapes_dir):

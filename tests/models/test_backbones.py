@@ -133,6 +133,9 @@ def test_frozen_bn_never_updates_batch_stats():
                   static_argnums=0)
   train_out, updates = train(model, variables)
   eval_out = jax.jit(lambda v: model.apply(v, images))(variables)
+  # Same tree first: zip alone would pass statistics that lost a leaf.
+  assert (jax.tree_util.tree_structure(updates["batch_stats"])
+          == jax.tree_util.tree_structure(stats))
   for a, b in zip(jax.tree_util.tree_leaves(updates["batch_stats"]),
                   jax.tree_util.tree_leaves(stats)):
     np.testing.assert_array_equal(a, b)
@@ -159,6 +162,8 @@ def test_bn_axis_name_averages_statistics_across_devices():
                                 axis_name="devices"))(images)
   whole = jax.jit(lambda x: train_stats(resnet_lib.ResNet(**SMALLEST), x))(
       images)
+  assert (jax.tree_util.tree_structure(per_device)
+          == jax.tree_util.tree_structure(whole))
   for a, b in zip(jax.tree_util.tree_leaves(per_device),
                   jax.tree_util.tree_leaves(whole)):
     # Float32 sums in another order; unsynchronised statistics of one image

@@ -302,6 +302,9 @@ def test_deeplab_v3_frozen_bn_keeps_backbone_statistics():
       v, x, train=True, mutable=["batch_stats"],
       rngs={"dropout": jax.random.key(0, impl="rbg")}))(variables, images)
   before, after = variables["batch_stats"], state["batch_stats"]
+  # Same tree first: zip alone would pass statistics that lost a leaf.
+  assert (jax.tree_util.tree_structure(after["backbone"])
+          == jax.tree_util.tree_structure(before["backbone"]))
   for a, b in zip(jax.tree_util.tree_leaves(before["backbone"]),
                   jax.tree_util.tree_leaves(after["backbone"])):
     np.testing.assert_array_equal(a, b)

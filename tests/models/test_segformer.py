@@ -154,6 +154,8 @@ def test_shifted_depthwise_conv_equals_grouped_conv():
     got = jax.jit(jax.value_and_grad(
         lambda v, x: loss(mit.DepthwiseConv3x3(6, impl), v, x),
         argnums=(0, 1)))(variables, x)
+    # Same tree first: zip alone would pass a gradient that lost a leaf.
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(reference)
     for a, b in zip(jax.tree_util.tree_leaves(got),
                     jax.tree_util.tree_leaves(reference)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

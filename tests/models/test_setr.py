@@ -109,7 +109,9 @@ def test_vit_returns_the_requested_blocks():
     params[block]["mlp"]["fc2"]["bias"] = bias + 1.0
     return apply({"params": params})
 
-  for got, want in zip(bumped("blocks_2"), base):
+  after_last = bumped("blocks_2")
+  assert len(after_last) == len(base)
+  for got, want in zip(after_last, base):
     np.testing.assert_array_equal(got, want)
   first, second = bumped("blocks_1")
   np.testing.assert_array_equal(first, base[0])

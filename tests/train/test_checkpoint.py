@@ -20,6 +20,9 @@ def _state(num_classes=3, seed=0):
 
 
 def _equal(a, b):
+  # The same tree first: zip stops at the shorter leaf list, so a leaf the
+  # restore dropped would otherwise pass unnoticed.
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

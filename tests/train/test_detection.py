@@ -1,6 +1,7 @@
 """Training and evaluating a detector through segjax's loop and CLI:
 frozen params stay put, one compiled step serves every instance count,
-detections map back to the stored image, and train / eval / predict run on
+detections map back to the stored image (perfect ones score AP 1.0 through
+the loop's evaluation), and train / eval / predict run on
 configs/mask_rcnn_shapes.py:tiny."""
 import functools
 import json
@@ -13,12 +14,16 @@ import optax
 import pytest
 from flax import traverse_util
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from conftest import REPO, SMALL_DATASET
 from segjax import cli
+from segjax import config as config_lib
+from segjax.data import builders, instances
+from segjax.data.builders import coco
 from segjax.models.detection.mask_rcnn import TINY, build_mask_rcnn, trainable_mask
-from segjax.models.detection.postprocess import paste_masks
-from segjax.train import detection, optim, steps
+from segjax.models.detection.postprocess import paste_boxes, paste_masks
+from segjax.train import detection, loop, optim, steps
 from segjax.train.state import init_state
 
 H, W, G = 64, 64, 4
@@ -142,3 +147,184 @@ def test_too_few_classes_is_a_data_error(shapes_dir, tmp_path, capsys):
           f"--config.data_dir={shapes_dir}", "--config.num_classes=3"]
   assert cli.main(argv) == 2
   assert "num_classes counts the background" in capsys.readouterr().err
+
+
+# --- evaluation of perfect detections ----------------------------------------
+
+# A COCO-format split of 11 images (not a multiple of the 8-image batch nor
+# of the 8 devices) of different stored sizes, which evaluation resizes to a
+# 48-pixel short side (64 at most) on a 64 x 64 canvas: up, down, or not.
+PERFECT_SIZES = [(40, 56), (64, 48), (30, 30), (72, 90), (50, 64), (64, 64),
+                 (33, 80), (90, 45), (48, 48), (57, 41), (100, 70)]
+PERFECT_IDS = [397, 139, 872, 285, 724, 6, 1000, 632, 776, 42, 90210]
+M = 28  # the mask head's resolution
+
+
+def _pattern(rng):
+  """An M x M mask probability map: a soft ellipse filling its box."""
+  v, u = np.meshgrid(np.linspace(-1, 1, M), np.linspace(-1, 1, M), indexing="ij")
+  ax, ay = rng.uniform(0.7, 1.0, 2)
+  return np.clip(1.3 - np.hypot(u / ax, v / ay), 0, 1).astype(np.float32)
+
+
+_paste_frames = jax.jit(lambda boxes: paste_boxes(boxes, M))
+# One compiled paste for every image size: a 128 x 128 frame, cropped.
+_paste_one = jax.jit(lambda probs, box, size: paste_masks(probs[None], box[None],
+                                                          (128, 128), size)[0])
+
+
+def _robust_box(rng, h, w):
+  """A box whose pasting frame (paste_boxes' integers) stays the same when its
+  coordinates move by up to 0.01 px, as they do on the way to the canvas and
+  back (float32 scaling)."""
+  corners = np.array(np.meshgrid(*[[-0.01, 0.01]] * 4)).reshape(4, -1).T
+  while True:
+    bw, bh = rng.uniform(8, 0.7 * w), rng.uniform(8, 0.7 * h)
+    x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+    box = np.round([x1, y1, x1 + bw, y1 + bh], 2).astype(np.float32)
+    if len({tuple(b) for b in np.asarray(_paste_frames(box + corners))}) == 1:
+      return box
+
+
+def _rle(mask):
+  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+  return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _write_coco(root, rng):
+  """Writes val2017 (PERFECT_SIZES) and a one-image train2017 in COCO's layout.
+
+  Every object's mask is what pasting its pattern into its box at the stored
+  size gives (paste_masks, torchvision's semantics, thresholded at 0.5; it is
+  compared with torchvision in tests/models/detection), so a mask head that
+  answers the pattern is exactly right. Image 285 also has a crowd region.
+
+  Returns:
+    {image_id: [M x M pattern of each annotation, None for the crowd]}.
+  """
+  categories = [1, 3, 18, 44, 90]
+  patterns = {}
+  for folder, sizes, ids in (("val2017", PERFECT_SIZES, PERFECT_IDS),
+                             ("train2017", [(32, 32)], [1])):
+    records, annotations = [], []
+    for (h, w), image_id in zip(sizes, ids):
+      name = f"{image_id:012d}.jpg"
+      os.makedirs(root / folder, exist_ok=True)
+      Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(root / folder / name)
+      records.append({"id": image_id, "file_name": name, "height": h, "width": w})
+      patterns[image_id] = []
+      for _ in range(rng.integers(1, 4)):
+        box, pattern = _robust_box(rng, h, w), _pattern(rng)
+        mask = np.asarray(_paste_one(pattern, box, np.array([h, w], np.int32)))[:h, :w]
+        patterns[image_id].append(pattern)
+        annotations.append(
+            {"image_id": image_id, "category_id": int(rng.choice(categories)),
+             "iscrowd": 0, "segmentation": _rle(mask), "area": float(mask.sum()),
+             "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
+                      float(box[3] - box[1])]})
+      if image_id == 285:  # Missing a crowd region is no miss.
+        crowd = np.zeros((h, w), np.uint8)
+        crowd[50:70, 60:90] = 1
+        patterns[image_id].append(None)
+        annotations.append({"image_id": image_id, "category_id": 1, "iscrowd": 1,
+                            "segmentation": _rle(crowd), "area": 600.0,
+                            "bbox": [60.0, 50.0, 30.0, 20.0]})
+    for i, ann in enumerate(annotations):
+      ann["id"] = i + 1
+    os.makedirs(root / "annotations", exist_ok=True)
+    with open(root / "annotations" / f"instances_{folder}.json", "w") as f:
+      json.dump({"images": records, "annotations": annotations,
+                 "categories": [{"id": i, "name": n} for i, n in coco.CATEGORIES]}, f)
+  return patterns
+
+
+@pytest.fixture(scope="module")
+def perfect_coco(tmp_path_factory):
+  """(data_dir of a prepared coco_instances, the objects' mask patterns)."""
+  data_dir = tmp_path_factory.mktemp("coco_tfds")
+  manual = tmp_path_factory.mktemp("coco_manual")
+  patterns = _write_coco(manual, np.random.default_rng(0))
+  builders.load_builder("coco_instances", str(data_dir), manual_dir=str(manual))
+  return str(data_dir), patterns
+
+
+def _perfect_config(data_dir, mode):
+  return config_lib.load_config(
+      os.path.join(REPO, "configs", "mask_rcnn_shapes.py:tiny"),
+      ["dataset=coco_instances", f"data_dir={data_dir}", "num_classes=81",
+       "instances.min_size=(48,)", "instances.max_size=64", "instances.canvas=64,64",
+       "eval.batch_size=8", f"parallel.mode={mode}"])
+
+
+def _canvas_ground_truth(config, patterns):
+  """Each image's non-crowd ground truth as the evaluation batches carry it,
+  in the resized image's canvas pixels, with its mask pattern: the answer of
+  a perfect detector. Returns {image_id: (boxes, classes, valid, patterns)}."""
+  truth, resized = {}, 0
+  for batch in instances.eval_batches(config, split="validation"):
+    for i in np.flatnonzero(batch["mask"]):
+      image_id = int(batch["image_id"][i])
+      valid = batch["valid"][i] & ~batch["crowd"][i]
+      probs = np.zeros((len(valid), M, M), np.float32)
+      for row, pattern in enumerate(patterns[image_id]):
+        if pattern is not None:
+          probs[row] = pattern
+      truth[image_id] = (batch["boxes"][i], batch["classes"][i], valid, probs)
+      resized += not np.array_equal(batch["image_size"][i], batch["orig_size"][i])
+  assert sorted(truth) == sorted(PERFECT_IDS)
+  # Most images change size on the canvas, so boxes and masks that were not
+  # mapped back to the stored size would not match.
+  assert resized >= 8
+  return truth
+
+
+def _perfect_detect_step(truth, answer_for):
+  """A stand-in for steps.detect_step (same signature, compiled and sharded
+  the same way by the Trainer) whose detections for the image with id i are
+  image answer_for[i]'s ground truth, score 1, in canvas pixels. Padding
+  slots (image_id -1) get the first image's answer: only the batch's "mask"
+  may keep them out of the score."""
+  ids = np.array(list(answer_for), np.int32)
+  table = [np.stack([truth[answer_for[i]][k] for i in answer_for]) for k in range(4)]
+
+  def detect_step(state, batch, *, model, axis_name=None):
+    del state, model, axis_name
+    row = jnp.argmax(batch["image_id"][:, None] == ids[None, :], axis=1)
+    boxes, classes, valid, probs = (jnp.asarray(t)[row] for t in table)
+    passed = {k: batch[k] for k in ("image_size", "image_id", "orig_size", "mask")}
+    return {**passed, "boxes": boxes, "scores": valid.astype(jnp.float32),
+            "classes": classes, "valid": valid, "mask_probs": probs}
+  return detect_step
+
+
+def _evaluate_with(config, tmp_path, monkeypatch, detect_step, num_devices):
+  monkeypatch.setattr(steps, "detect_step", detect_step)
+  with loop.Trainer(config, str(tmp_path), devices=jax.devices()[:num_devices]) as trainer:
+    # The state only reaches the stand-in, which ignores it.
+    return trainer.evaluate(None, "validation")
+
+
+# 8 devices: a batch of 8 real images, then 3 real and 5 padding; 3 devices:
+# batches rounded up to 9, 9 real then 2 real and 7 padding; 1 device: as 8.
+@pytest.mark.parametrize("num_devices,mode", [(8, "jit"), (3, "pmap"), (1, "jit")])
+def test_perfect_detections_score_ap_one(perfect_coco, tmp_path, monkeypatch,
+                                         num_devices, mode):
+  """The evaluation `segjax train` and `segjax eval` run for detectors, on
+  any number of devices with a padded last batch, gives box and mask AP 1.0
+  to a detector that answers the ground truth in the canvas frame; the same
+  answers given to the wrong images score near 0. So image ids, padding,
+  and the mapping of boxes and masks back to each image's stored size are
+  right."""
+  data_dir, patterns = perfect_coco
+  config = _perfect_config(data_dir, mode)
+  truth = _canvas_ground_truth(config, patterns)
+  right = _evaluate_with(config, tmp_path / "right", monkeypatch,
+                         _perfect_detect_step(truth, {i: i for i in PERFECT_IDS}),
+                         num_devices)
+  assert right["num_images"] == len(PERFECT_IDS)
+  for key in ("box_ap", "mask_ap", "box_ap75", "mask_ap75", "box_ar100", "mask_ar100"):
+    assert right[key] == 1.0, (key, right[key])
+  shifted = dict(zip(PERFECT_IDS, PERFECT_IDS[1:] + PERFECT_IDS[:1]))
+  wrong = _evaluate_with(config, tmp_path / "wrong", monkeypatch,
+                         _perfect_detect_step(truth, shifted), num_devices)
+  assert wrong["box_ap"] < 0.2 and wrong["mask_ap"] < 0.2, wrong

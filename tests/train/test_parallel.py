@@ -49,6 +49,9 @@ def _train(mode, num_devices, dropout=0.1):
 
 
 def _assert_close(a, b, rtol=1e-5):
+  # The same tree first: zip stops at the shorter leaf list, so a leaf one
+  # side dropped (or added) would otherwise pass unnoticed.
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
   leaves_a = jax.tree_util.tree_leaves_with_path(a)
   leaves_b = jax.tree_util.tree_leaves(b)
   for (path, x), y in zip(leaves_a, leaves_b):

@@ -196,6 +196,7 @@ def test_two_processes_match_one(shapes_dir, tmp_path):
     out, err = process.communicate(timeout=400)
     assert process.returncode == 0, err[-3000:]
   want, got = _flat(_params(one, 8)), _flat(_params(two, 8))
+  assert want.keys() == got.keys()  # no parameter missing or extra
   for name in want:
     np.testing.assert_allclose(got[name], want[name], rtol=1e-5,
                                atol=1e-5 * np.abs(want[name]).max(), err_msg=name)

@@ -318,6 +318,8 @@ def test_converter_accepts_legacy_key_names(tiny_state):
   assert len(set(legacy) - set(state)) == 2 + 16 + 8
   kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
   got = convert.from_torch("maskrcnn_resnet50_fpn", legacy, **kwargs)
+  # Same tree first: zip alone would pass a conversion that lost a leaf.
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(variables)
   for (path, want), (_, leaf) in zip(jax.tree_util.tree_leaves_with_path(variables),
                                      jax.tree_util.tree_leaves_with_path(got)):
     np.testing.assert_array_equal(leaf, want, err_msg=jax.tree_util.keystr(path))
