@@ -26,6 +26,10 @@ from segjax.models.detection.postprocess import paste_boxes, paste_masks
 from segjax.train import detection, loop, optim, steps
 from segjax.train.state import init_state
 
+# Mask R-CNN's train, evaluation and predict programs: a few minutes of
+# compiling, so the file starts first.
+pytestmark = pytest.mark.slow(seconds=180)
+
 H, W, G = 64, 64, 4
 
 

@@ -17,10 +17,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, SMALL_DATASET
+from conftest import REPO, SMALL_DATASET, xla_flags
 from segjax.train.checkpoint import restore_on_host
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=280)
 CONFIG = os.path.join(REPO, "configs", "unet_shapes.py:tiny")
 
 
@@ -33,7 +33,7 @@ def _command(shapes_dir, workdir, *extra):
 
 def _env(devices):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   return env
 
 
