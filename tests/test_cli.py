@@ -2,6 +2,7 @@
 stops with one message and exit status 2, leaving saved work intact."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -120,10 +121,11 @@ def test_eval_without_checkpoint(shapes_dir, tmp_path, capsys):
          capsys, "no checkpoint")
 
 
-def test_nan_loss_stops_and_keeps_checkpoints(shapes_dir, tmp_path, capsys):
-  # A first run saves steps 2 and 4; continuing with an absurd learning rate
-  # diverges, stops with a message, and leaves those checkpoints restorable.
-  assert cli.main(train_argv(shapes_dir, tmp_path)) == 0
+def test_nan_loss_stops_and_keeps_checkpoints(trained, shapes_dir, tmp_path, capsys):
+  # The finished run saved steps 2 and 4; continuing with an absurd learning
+  # rate diverges, stops with a message, and leaves those checkpoints
+  # restorable.
+  shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
   _fails(train_argv(shapes_dir, tmp_path, "--config.train.steps=12",
                "--config.optimizer.learning_rate=1e30"),
          capsys, "NaN/Inf", "learning_rate")
