@@ -5,13 +5,18 @@ Each checkpoint is `<workdir>/checkpoints/<step>/` with one item, `state`
 directory and renames it when complete, so a run killed mid-write leaves the
 previous checkpoints untouched; `keep` old steps are deleted only after a
 newer one is finalised. Restoring walks back from the newest step past any
-checkpoint that cannot be read, naming it, and never deletes it: training
-moves it to <workdir>/corrupt_checkpoints/ (so the step can be written
-afresh), evaluation leaves it where it is.
+checkpoint that cannot be read, naming it, and never deletes it. Each read is
+tried a few times first, so that a passing I/O error (a network file system's
+timeout) is not taken for corruption. A checkpoint counts as bad only once an
+older one has then been read: training moves it to
+<workdir>/corrupt_checkpoints/ (so the step can be written afresh),
+evaluation leaves it where it is. When none can be read, nothing moves: the
+fault may lie in the storage rather than in the files.
 """
 import logging
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -20,6 +25,12 @@ import orbax.checkpoint as ocp
 from segjax.errors import CheckpointError
 
 ITEM = "state"
+
+# A read that raises is tried this many times in all, waiting READ_BACKOFF_S
+# before the second try and twice as long before each later one: enough to
+# ride out a network file system's hiccup, short next to a training run.
+READ_TRIES = 3
+READ_BACKOFF_S = 1.0
 
 
 class Checkpoints:
@@ -69,9 +80,10 @@ class Checkpoints:
       target: pytree of arrays or jax.ShapeDtypeStruct giving the structure,
         shapes, dtypes and shardings to restore into.
       step: a specific step, or None for the newest one that can be read.
-      set_aside: move each unreadable checkpoint passed over to
-        <workdir>/corrupt_checkpoints/ (training does, so that it can save
-        that step again); otherwise it stays in place.
+      set_aside: once an older checkpoint has been read, move each newer
+        one that could not be to <workdir>/corrupt_checkpoints/ (training
+        does, so that it can save that step again); otherwise, or when none
+        can be read, every checkpoint stays in place.
 
     Returns:
       (restored tree, step), or (None, None) when there is no checkpoint.
@@ -81,21 +93,55 @@ class Checkpoints:
       if step not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
                               f"available steps: {steps or 'none'}")
-      return self._restore_step(target, step), step
+      return self._read(target, step), step
+    # Unreadable steps are only set aside once an older one has been read:
+    # that proves the storage works and these files are bad. Were none
+    # readable, the storage itself may be failing, and moving every
+    # checkpoint would make the next launch start from step 0.
+    unreadable = []
     for candidate in reversed(steps):
       try:
-        return self._restore_step(target, candidate), candidate
+        restored = self._read(target, candidate)
       except CheckpointError as e:
         if _is_mismatch(e):
           raise
-        where = self._set_aside(candidate) if set_aside else "left in place"
-        logging.warning("%s; falling back to the previous checkpoint. The bad "
-                        "one is %s for inspection.", e, where)
+        logging.warning("%s; trying the previous checkpoint", e)
+        unreadable.append((candidate, e))
+        continue
+      for bad, error in unreadable:
+        where = self._set_aside(bad) if set_aside else "left in place"
+        logging.warning("checkpoint step %d could not be read (%s) while step %d "
+                        "could: it is %s for inspection", bad, error, candidate,
+                        where)
+      return restored, candidate
     if steps:
-      raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} "
-                            "could be read; move the directory away to start "
-                            "afresh, or point --workdir elsewhere")
+      errors = "; ".join(f"step {s}: {e}" for s, e in unreadable)
+      raise CheckpointError(
+          f"none of the checkpoints {steps} in {self.directory} could be read, "
+          f"each tried {max(1, READ_TRIES)} times ({errors}). Nothing was moved: a "
+          "storage fault (network file system, permissions, memory) may be "
+          "to blame, so retry once it is fixed; if the files themselves are "
+          "bad, move the directory away to start afresh, or point --workdir "
+          "elsewhere")
     return None, None
+
+  def _read(self, target, step):
+    """`_restore_step`, tried up to READ_TRIES times with a doubling backoff.
+
+    A mismatch (another model's checkpoint) is raised at once: reading again
+    cannot change it.
+    """
+    tries, delay = max(1, READ_TRIES), READ_BACKOFF_S
+    for attempt in range(1, tries + 1):
+      try:
+        return self._restore_step(target, step)
+      except CheckpointError as e:
+        if _is_mismatch(e) or attempt >= tries:
+          raise
+        logging.warning("%s; reading it again in %.3g s (try %d of %d)", e, delay,
+                        attempt + 1, tries)
+      time.sleep(delay)
+      delay *= 2
 
   def _restore_step(self, target, step):
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)

@@ -1,7 +1,11 @@
-"""Checkpoints: save/restore round trip, keep-N, init_from and its refusals."""
+"""Checkpoints: save/restore round trip, keep-N, read retries, init_from and
+its refusals."""
+import types
+
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from segjax import models
@@ -41,6 +45,52 @@ def test_round_trip_and_keep(tmp_path):
     _equal(TrainState(**restored).params, states[2].params)
     with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
       manager.restore(_state().to_dict(), step=7)
+
+
+def test_read_retries_are_bounded_and_skip_mismatches(tmp_path, monkeypatch):
+  """Each read is tried READ_TRIES times, waiting the doubling backoff; when
+  none works nothing is set aside. Another model's checkpoint is refused
+  without a single read or wait."""
+  sleeps = []
+  # Only checkpoint.py's clock is replaced: orbax's threads keep the real one.
+  monkeypatch.setattr(checkpoint, "time", types.SimpleNamespace(sleep=sleeps.append))
+  monkeypatch.setattr(checkpoint, "READ_TRIES", 3)
+  monkeypatch.setattr(checkpoint, "READ_BACKOFF_S", 0.5)
+  with checkpoint.Checkpoints(tmp_path / "checkpoints", every_steps=1) as manager:
+    for step in (1, 2):
+      manager.save(step, _state(seed=step).to_dict())
+      manager.wait()
+    real_restore = ocp.CheckpointManager.restore
+    reads = []
+
+    def failing_restore(self, step, *args, **kwargs):
+      reads.append(step)
+      raise OSError("injected: I/O error")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
+    with pytest.raises(CheckpointError, match="Nothing was moved"):
+      manager.restore(_state().to_dict(), set_aside=True)
+    assert reads == [2, 2, 2, 1, 1, 1] and sleeps == [0.5, 1.0, 0.5, 1.0]
+    assert manager.all_steps() == [1, 2]
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+
+    reads.clear()
+    sleeps.clear()
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+      manager.restore(_state(num_classes=5).to_dict(), set_aside=True)
+    assert reads == [] and sleeps == []
+
+    # An explicit step is retried too.
+    def flaky_restore(self, step, *args, **kwargs):
+      reads.append(step)
+      if len(reads) == 1:
+        raise OSError("injected: I/O error")
+      return real_restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky_restore)
+    restored, step = manager.restore(_state(seed=9).to_dict(), step=1)
+    assert step == 1 and reads == [1, 1] and sleeps == [0.5]
+    _equal(TrainState(**restored).params, _state(seed=1).params)
 
 
 def test_init_from_takes_matching_weights(tmp_path):

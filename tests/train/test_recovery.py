@@ -11,13 +11,22 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config, train_argv
 from segjax import cli
 from segjax.data import pipeline
-from segjax.train import loop
+from segjax.train import checkpoint, loop
 from segjax.train.checkpoint import restore_on_host
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+  """Retried checkpoint reads wait milliseconds: a corrupt checkpoint is
+  read READ_TRIES times before it is passed over."""
+  monkeypatch.setattr(checkpoint, "READ_BACKOFF_S", 0.001)
+
 
 @pytest.fixture(scope="module")
 def trained(shapes_dir, tmp_path_factory):
@@ -99,6 +108,56 @@ def test_every_checkpoint_corrupt_is_refused(trained, tmp_path, capsys):
   err = capsys.readouterr().err
   assert "none of the checkpoints [2, 4]" in err and "could be read" in err
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+def test_transient_read_error_resumes_from_the_newest(trained, shapes_dir, tmp_path,
+                                                       monkeypatch, caplog, capsys):
+  """The first read of each step fails (a network file system's timeout), the
+  next works: training resumes from the newest step and moves nothing."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  real_restore = ocp.CheckpointManager.restore
+  reads = []
+
+  def flaky_restore(self, step, *args, **kwargs):
+    reads.append(step)
+    if reads.count(step) == 1:
+      raise OSError(f"injected: reading step {step} timed out")
+    return real_restore(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky_restore)
+  with caplog.at_level(logging.WARNING):
+    assert cli.main(train_argv(shapes_dir, workdir, "--config.train.steps=6")) == 0
+  assert "resuming from checkpoint at step 4" in capsys.readouterr().out
+  assert reads == [4, 4]  # failed once, read on the retry
+  assert "injected: reading step 4 timed out" in caplog.text
+  assert "reading it again" in caplog.text
+  assert not (workdir / "corrupt_checkpoints").exists()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
+  assert all(_restorable(workdir, step) for step in (2, 4, 6))
+
+
+def test_no_checkpoint_readable_moves_nothing(trained, shapes_dir, tmp_path,
+                                              monkeypatch, capsys):
+  """Every read fails every time (the storage, not the files, is at fault):
+  exit 2, each checkpoint where it was, and the message says so."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  reads = []
+
+  def failing_restore(self, step, *args, **kwargs):
+    reads.append(step)
+    raise OSError("injected: permission denied")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
+  assert cli.main(train_argv(shapes_dir, workdir, "--config.train.steps=6")) == 2
+  err = capsys.readouterr().err
+  assert "none of the checkpoints [2, 4]" in err and "could be read" in err
+  assert "Nothing was moved" in err and "injected: permission denied" in err
+  assert reads == [4] * checkpoint.READ_TRIES + [2] * checkpoint.READ_TRIES
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert not (workdir / "corrupt_checkpoints").exists()
+  assert all(_restorable(workdir, step) for step in (2, 4))
 
 
 @pytest.mark.parametrize("override,named", [
