@@ -158,7 +158,7 @@ def validate(config):
   _check(config.dtype in ("float32", "bfloat16", "float16"),
          f"dtype is {config.dtype!r}; use 'float32' or 'bfloat16'")
   _check(config.optimizer.name in ("sgd", "adamw", "adam"),
-         f"optimizer.name is {config.optimizer.name!r}; use 'sgd' or 'adamw'")
+         f"optimizer.name is {config.optimizer.name!r}; use 'sgd', 'adamw' or 'adam'")
   _check(config.optimizer.schedule in ("constant", "poly", "cosine", "step"),
          f"optimizer.schedule is {config.optimizer.schedule!r}; use 'constant', "
          "'poly', 'cosine' or 'step'")

@@ -45,13 +45,15 @@ def make_schedule(opt, total_steps):
 def make_optimizer(opt, total_steps):
   """Returns (optax transformation, schedule) for `config.optimizer`.
 
-  Weight decay is decoupled for AdamW and L2-added-to-gradient for SGD (as
-  in the papers' Caffe/PyTorch recipes); it skips 1-D parameters (biases,
-  norm scales) in both, the common practice.
+  Weight decay is decoupled for AdamW and L2-added-to-gradient for SGD and
+  Adam (as torch.optim's SGD and Adam apply `weight_decay`, and the papers'
+  Caffe/PyTorch recipes); it skips 1-D parameters (biases, norm scales) in
+  all three, the common practice.
   """
   schedule = make_schedule(opt, total_steps)
   if opt.name not in ("sgd", "adamw", "adam"):
-    raise ConfigError(f"optimizer.name {opt.name!r} is unknown; use 'sgd' or 'adamw'")
+    raise ConfigError(f"optimizer.name {opt.name!r} is unknown; use 'sgd', 'adamw' "
+                      "or 'adam'")
   lr_mult = dict(opt.get("lr_mult", None) or {})
   if lr_mult:
     core = _per_module_rates(opt, schedule, lr_mult)
@@ -67,8 +69,11 @@ def _core(opt, schedule):
     return optax.chain(
         optax.add_decayed_weights(opt.weight_decay, mask=_matrices_only),
         optax.sgd(schedule, momentum=opt.momentum or None))
-  wd = opt.weight_decay if opt.name == "adamw" else 0.0
-  return optax.adamw(schedule, weight_decay=wd, mask=_matrices_only)
+  if opt.name == "adam":
+    return optax.chain(
+        optax.add_decayed_weights(opt.weight_decay, mask=_matrices_only),
+        optax.adam(schedule))
+  return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=_matrices_only)
 
 
 def _per_module_rates(opt, schedule, lr_mult):

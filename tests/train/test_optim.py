@@ -1,9 +1,11 @@
-"""Per-module learning-rate factors (optimizer.lr_mult)."""
+"""Optimizers against torch.optim, and per-module learning-rate factors
+(optimizer.lr_mult)."""
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from conftest import needs
 from segjax.errors import ConfigError
 from segjax.train import optim
 
@@ -60,3 +62,34 @@ def test_step_schedule_needs_milestones_after_the_warmup():
     with pytest.raises(ConfigError, match="milestones"):
       optim.make_optimizer(sgd_config(schedule="step", warmup_steps=10,
                                       milestones=milestones), 90)
+
+
+@pytest.mark.parametrize("name,torch_name", [("sgd", "SGD"), ("adam", "Adam"),
+                                             ("adamw", "AdamW")])
+def test_weight_decay_is_applied_as_torch_optim_applies_it(name, torch_name):
+  """Five steps with weight decay equal torch.optim's on a matrix (no option
+  is silently dropped: `adam` used to ignore weight_decay). A bias is not
+  decayed, so torch gets it in a group of its own with weight_decay=0."""
+  torch = needs("torch")
+  rng = np.random.default_rng(0)
+  w0, b0 = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+  grads = [(rng.normal(size=(3, 4)).astype(np.float32),
+            rng.normal(size=4).astype(np.float32)) for _ in range(5)]
+  config = sgd_config(name=name, learning_rate=0.05, weight_decay=0.1, momentum=0.9)
+  tx, _ = optim.make_optimizer(config, 100)
+  params = {"w": jnp.asarray(w0), "b": jnp.asarray(b0)}
+  state = tx.init(params)
+  for gw, gb in grads:
+    updates, state = tx.update({"w": jnp.asarray(gw), "b": jnp.asarray(gb)}, state, params)
+    params = {k: params[k] + updates[k] for k in params}
+
+  tw, tb = torch.tensor(w0, requires_grad=True), torch.tensor(b0, requires_grad=True)
+  extra = {"momentum": 0.9} if name == "sgd" else {}
+  opt = getattr(torch.optim, torch_name)(
+      [{"params": [tw], "weight_decay": 0.1}, {"params": [tb], "weight_decay": 0.0}],
+      lr=0.05, **extra)
+  for gw, gb in grads:
+    tw.grad, tb.grad = torch.tensor(gw), torch.tensor(gb)
+    opt.step()
+  np.testing.assert_allclose(params["w"], tw.detach().numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(params["b"], tb.detach().numpy(), rtol=1e-5, atol=1e-6)
