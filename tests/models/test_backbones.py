@@ -1,6 +1,7 @@
 """Backbones: feature shapes, strides and channels; dilation; frozen BN."""
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -133,12 +134,8 @@ def test_frozen_bn_never_updates_batch_stats():
                   static_argnums=0)
   train_out, updates = train(model, variables)
   eval_out = jax.jit(lambda v: model.apply(v, images))(variables)
-  # Same tree first: zip alone would pass statistics that lost a leaf.
-  assert (jax.tree_util.tree_structure(updates["batch_stats"])
-          == jax.tree_util.tree_structure(stats))
-  for a, b in zip(jax.tree_util.tree_leaves(updates["batch_stats"]),
-                  jax.tree_util.tree_leaves(stats)):
-    np.testing.assert_array_equal(a, b)
+  # Structure and values: statistics that lost a leaf fail too.
+  chex.assert_trees_all_equal(updates["batch_stats"], stats)
   for name in train_out:
     np.testing.assert_array_equal(train_out[name], eval_out[name])
   # Without frozen_bn, training does update them.
@@ -162,14 +159,14 @@ def test_bn_axis_name_averages_statistics_across_devices():
                                 axis_name="devices"))(images)
   whole = jax.jit(lambda x: train_stats(resnet_lib.ResNet(**SMALLEST), x))(
       images)
-  assert (jax.tree_util.tree_structure(per_device)
-          == jax.tree_util.tree_structure(whole))
-  for a, b in zip(jax.tree_util.tree_leaves(per_device),
-                  jax.tree_util.tree_leaves(whole)):
+  def both_devices_equal_whole(a, b):
     # Float32 sums in another order; unsynchronised statistics of one image
     # each differ by orders of magnitude more.
     np.testing.assert_allclose(a[0], b, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(a[1], b, rtol=1e-3, atol=1e-4)
+
+  # tree_map refuses trees of another structure, so a lost leaf fails too.
+  jax.tree_util.tree_map(both_devices_equal_whole, per_device, whole)
 
 
 def test_resnet_bfloat16_compute_float32_params():

@@ -12,6 +12,7 @@ the random-number ops, and these tests only need *some* reasonable weights.
 """
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -302,12 +303,8 @@ def test_deeplab_v3_frozen_bn_keeps_backbone_statistics():
       v, x, train=True, mutable=["batch_stats"],
       rngs={"dropout": jax.random.key(0, impl="rbg")}))(variables, images)
   before, after = variables["batch_stats"], state["batch_stats"]
-  # Same tree first: zip alone would pass statistics that lost a leaf.
-  assert (jax.tree_util.tree_structure(after["backbone"])
-          == jax.tree_util.tree_structure(before["backbone"]))
-  for a, b in zip(jax.tree_util.tree_leaves(before["backbone"]),
-                  jax.tree_util.tree_leaves(after["backbone"])):
-    np.testing.assert_array_equal(a, b)
+  # Structure and values: statistics that lost a leaf fail too.
+  chex.assert_trees_all_equal(after["backbone"], before["backbone"])
   # The head's BatchNorms still train.
   assert not np.allclose(before["aspp"]["project"]["bn"]["mean"],
                          after["aspp"]["project"]["bn"]["mean"])

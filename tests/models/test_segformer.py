@@ -4,6 +4,7 @@ orders of operations, train-only randomness, bfloat16, learning.
 The generic contract is in test_contract.py; parity with Hugging Face's
 SegformerForSemanticSegmentation in tests/test_convert_huggingface.py.
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,11 +155,8 @@ def test_shifted_depthwise_conv_equals_grouped_conv():
     got = jax.jit(jax.value_and_grad(
         lambda v, x: loss(mit.DepthwiseConv3x3(6, impl), v, x),
         argnums=(0, 1)))(variables, x)
-    # Same tree first: zip alone would pass a gradient that lost a leaf.
-    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(reference)
-    for a, b in zip(jax.tree_util.tree_leaves(got),
-                    jax.tree_util.tree_leaves(reference)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Structure and values: a gradient that lost a leaf fails too.
+    chex.assert_trees_all_close(got, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_fast_decoder_equals_hf_order():

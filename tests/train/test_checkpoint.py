@@ -2,6 +2,7 @@
 its refusals."""
 import types
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -24,11 +25,8 @@ def _state(num_classes=3, seed=0):
 
 
 def _equal(a, b):
-  # The same tree first: zip stops at the shorter leaf list, so a leaf the
-  # restore dropped would otherwise pass unnoticed.
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # chex compares the tree structure too, so a leaf the restore dropped fails.
+  chex.assert_trees_all_equal(a, b)
 
 
 def test_round_trip_and_keep(tmp_path):

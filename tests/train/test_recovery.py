@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 
+import chex
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -192,17 +193,12 @@ def test_nonfinite_step_is_skipped_and_counted(shapes_dir, tmp_path):
     assert float(step_metrics["finite"]) == 0.0
     assert int(after.nonfinite) == 1 and int(after.step) == int(before.step) + 1
     for name in ("params", "batch_stats", "opt_state"):
-      # Same tree first: zip alone would pass a state that lost leaves.
-      assert (jax.tree_util.tree_structure(getattr(after, name))
-              == jax.tree_util.tree_structure(getattr(before, name))), name
-      for old, new in zip(jax.tree_util.tree_leaves(getattr(before, name)),
-                          jax.tree_util.tree_leaves(getattr(after, name))):
-        np.testing.assert_array_equal(new, old)
+      # Structure and values: a state that lost leaves fails too.
+      chex.assert_trees_all_equal(getattr(after, name), getattr(before, name))
     state, step_metrics = trainer.train_fn(state, trainer.par.put_batch(batch), rng)
     trained = jax.device_get(state)
     assert float(step_metrics["finite"]) == 1.0 and int(trained.nonfinite) == 1
-    assert (jax.tree_util.tree_structure(trained.params)
-            == jax.tree_util.tree_structure(after.params))
+    chex.assert_trees_all_equal_structs(trained.params, after.params)
     assert any(not np.array_equal(a, b) for a, b in zip(
         jax.tree_util.tree_leaves(after.params), jax.tree_util.tree_leaves(trained.params)))
 

@@ -5,6 +5,7 @@ of fc6, ConvTranspose2d, permute_and_flatten); shapes by eval_shape; one
 jitted forward and backward of tiny networks. Parity with torchvision
 itself is tests/models/detection/test_maskrcnn_parity.py.
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -318,11 +319,8 @@ def test_converter_accepts_legacy_key_names(tiny_state):
   assert len(set(legacy) - set(state)) == 2 + 16 + 8
   kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
   got = convert.from_torch("maskrcnn_resnet50_fpn", legacy, **kwargs)
-  # Same tree first: zip alone would pass a conversion that lost a leaf.
-  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(variables)
-  for (path, want), (_, leaf) in zip(jax.tree_util.tree_leaves_with_path(variables),
-                                     jax.tree_util.tree_leaves_with_path(got)):
-    np.testing.assert_array_equal(leaf, want, err_msg=jax.tree_util.keystr(path))
+  # Structure and values (chex names the leaf): a lost leaf fails too.
+  chex.assert_trees_all_equal(got, variables)
 
 
 def test_converter_folds_checkpoint_bn_eps_into_variances(tiny_state):
