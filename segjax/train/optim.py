@@ -65,15 +65,13 @@ def make_optimizer(opt, total_steps):
 
 
 def _core(opt, schedule):
-  if opt.name == "sgd":
-    return optax.chain(
-        optax.add_decayed_weights(opt.weight_decay, mask=_matrices_only),
-        optax.sgd(schedule, momentum=opt.momentum or None))
-  if opt.name == "adam":
-    return optax.chain(
-        optax.add_decayed_weights(opt.weight_decay, mask=_matrices_only),
-        optax.adam(schedule))
-  return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=_matrices_only)
+  if opt.name == "adamw":
+    return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=_matrices_only)
+  # SGD and Adam: the decay is added to the gradient, as torch.optim does.
+  step = (optax.sgd(schedule, momentum=opt.momentum or None) if opt.name == "sgd"
+          else optax.adam(schedule))
+  return optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=_matrices_only),
+                     step)
 
 
 def _per_module_rates(opt, schedule, lr_mult):
