@@ -31,7 +31,7 @@ A detector row times the jit-compiled detector as a user calls it
 detections with masks pasted into the canvas) and a train step (the five
 losses of mask_rcnn.train_losses, their gradient and an SGD momentum 0.9
 update of the params `mask_rcnn.trainable_mask` trains, the frozen ones
-untouched: steps.instance_train_step with optim.freeze, the step
+untouched: steps.train_step with tasks.instance.objective and optim.freeze, the step
 `segjax train` runs, NaN/Inf guard included), compiled with the state donated.
 Settings are the variants' defaults: torchvision's (2000 / 1000 proposals per
 image in train / test, 256 anchors and 512 rois sampled, 100 detections; C4:
@@ -62,6 +62,7 @@ import numpy as np
 
 from segjax import losses, models
 from segjax.models.detection import mask_rcnn
+from segjax.tasks import instance, semantic
 from segjax.train import optim, steps
 from segjax.train.state import init_state
 
@@ -190,8 +191,9 @@ def bench_model(spec, args):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   infer = lambda v, x: model.apply(v, x, train=False)["logits"]
   infer_c, infer_compile, infer_gflops = compile_jax(infer, variables, batch["image"])
+  objective = semantic.make_objective(losses.make_loss("cross_entropy"))
   train = lambda s, b, k: steps.train_step(s, b, k, model=model, tx=tx, schedule=schedule,
-                                           loss_fn=losses.make_loss("cross_entropy"))
+                                           objective=objective)
   key = jax.random.PRNGKey(1)
   train_c, train_compile, train_gflops = compile_jax(train, state, batch, key)
   row = dict(model=spec, task="semantic", input=f"{height}x{width}", batch=n,
@@ -294,8 +296,8 @@ def bench_detector(name, options, spec, args):
   infer_variables = {"params": state.params, "batch_stats": state.batch_stats}
   infer_c, infer_compile, infer_gflops = compile_jax(
       infer, infer_variables, batch["image"], batch["image_size"])
-  train = lambda s, b, k: steps.instance_train_step(s, b, k, model=model, tx=tx,
-                                                    schedule=schedule)
+  train = lambda s, b, k: steps.train_step(s, b, k, model=model, tx=tx,
+                                           schedule=schedule, objective=instance.objective)
   key = jax.random.PRNGKey(1)
   train_c, train_compile, train_gflops = compile_jax(train, state, batch, key,
                                                      donate_argnums=0)

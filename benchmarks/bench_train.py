@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from segjax import losses, models
+from segjax.tasks import semantic
 from segjax.train import optim, parallel, steps
 from segjax.train.state import init_state
 
@@ -43,7 +44,8 @@ def bench_segjax(args):
       "label": rng.integers(0, args.classes, (args.batch, args.size, args.size)).astype(np.int32)})
   key = par.put_replicated(jax.random.PRNGKey(1))
   train = par.compile(steps.train_step, donate_first=True, model=model, tx=tx,
-                      loss_fn=losses.make_loss("cross_entropy"), schedule=schedule)
+                      objective=semantic.make_objective(losses.make_loss("cross_entropy")),
+                      schedule=schedule)
   start = time.perf_counter()
   compiled = train.lower(state, batch, key).compile()
   compile_s = time.perf_counter() - start

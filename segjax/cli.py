@@ -85,57 +85,28 @@ def _load(args, overrides, need_workdir=True):
 
 
 def cmd_train(args, overrides):
-  from segjax import models
   from segjax.train import loop
-  config = _load(args, overrides)
-  result = loop.train(config, args.workdir)
-  if result and _primary():
-    print(f"final {config.eval.split}: "
-          f"{loop.summary_line(models.task(config.model), result)}")
+  loop.train(_load(args, overrides), args.workdir)
 
 
 def cmd_eval(args, overrides):
+  """The task's scores of a checkpoint with the config's eval protocol,
+  written to metrics.jsonl as training writes its evaluations."""
   from segjax.train import loop
+  from segjax.train.logger import MetricsWriter
   config = _load(args, overrides)
   with loop.Trainer(config, args.workdir) as trainer:
     state, step = _restore(trainer, args.step)
     split = args.split or config.eval.split
-    if trainer.task == "instance":
-      _eval_instances(trainer, state, step, split, args.workdir)
-    else:
-      _eval_semantic(trainer, state, step, split, args.workdir)
-
-
-def _eval_semantic(trainer, state, step, split, workdir):
-  """mIoU of a semantic model's checkpoint, with the config's eval options."""
-  from segjax.train.logger import MetricsWriter
-  options = trainer.config.eval
-  if _primary():
-    print(f"evaluating {split} at step {step}: {options.mode} inference, scales "
-          f"{tuple(options.scales)}, flip {options.flip}", flush=True)
-  result = trainer.evaluate_images(state, split=split, progress=_every_50)
-  MetricsWriter(workdir, _primary(), tensorboard=False).write(step, split, result)
-  if _primary():
-    print(f"{split} at step {step}: mIoU {result['miou']:.4f} | pixel accuracy "
-          f"{result['pixel_accuracy']:.4f} | mean accuracy {result['mean_accuracy']:.4f}")
-    names = ", ".join("nan" if v != v else f"{v:.3f}" for v in result["per_class_iou"])
-    print(f"per-class IoU: {names}")
-
-
-def _eval_instances(trainer, state, step, split, workdir):
-  """COCO box and mask AP of a detector's checkpoint (segjax.train.detection)."""
-  from segjax.train import detection, loop
-  from segjax.train.logger import MetricsWriter
-  if _primary():
-    print(f"evaluating {split} at step {step}: COCO box and mask AP", flush=True)
-  result = detection.evaluate(trainer, state, split, progress=_every_50)
-  MetricsWriter(workdir, _primary(), tensorboard=False).write(step, split, result)
-  if _primary():
-    print(f"{split} at step {step}: {loop.summary_line('instance', result)}")
-    names = detection.class_names(trainer.config)
-    per_class = ", ".join(f"{n} {v:.3f}"
-                          for n, v in zip(names[1:], result["mask_per_class_ap"]))
-    print(f"per-class mask AP: {per_class}")
+    if _primary():
+      print(f"evaluating {split} at step {step}: {trainer.task.describe_eval()}",
+            flush=True)
+    result = trainer.evaluate(state, split, progress=_every_50)
+    MetricsWriter(args.workdir, _primary(), tensorboard=False).write(step, split, result)
+    if _primary():
+      print(f"{split} at step {step}: {trainer.task.summary_line(result)}")
+      for line in trainer.task.report(result):
+        print(line)
 
 
 def _every_50(examples):
@@ -163,16 +134,11 @@ def _restore(trainer, step):
 
 
 def cmd_predict(args, overrides):
-  from segjax import inference
   from segjax.train import loop
   config = _load(args, overrides)
   with loop.Trainer(config, args.workdir) as trainer:
     state, step = _restore(trainer, args.step)
-    if trainer.task == "instance":
-      from segjax.train import detection
-      written = detection.predict_files(trainer, state, args.images, args.output)
-    else:
-      written = inference.predict_files(trainer, state, args.images, args.output)
+    written = trainer.task.predict_files(trainer.variables(state), args.images, args.output)
   print(f"wrote {len(written)} files for {len(args.images)} image(s) to "
         f"{args.output} (checkpoint step {step})")
 

@@ -280,10 +280,11 @@ def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
       **d["optimizer"]))
   c.eval = ml_collections.ConfigDict(dict(
       split="validation",
-      image_size=None,  # Pad evaluation images to this size (None: as is).
-      # `segjax eval` / `segjax predict` inference (segjax/inference.py):
-      # "whole" or "slide" (crop_size, stride), at `scales` with optional
-      # flips, on canvases rounded up to a multiple of `bucket` pixels.
+      # Evaluation (in training and `segjax eval`) and `segjax predict`
+      # (segjax/inference.py): "whole" or "slide" (crop_size, stride), at
+      # `scales` with optional flips, each image on a canvas rounded up to a
+      # multiple of `bucket` pixels; batch_size images per call over all
+      # devices (segjax/evaluation.py).
       mode="whole", crop_size=None, stride=None, scales=(1.0,), flip=False, bucket=32,
       **d["eval"]))  # resize_to: run the model at this size (None: image size).
   c.checkpoint = ml_collections.ConfigDict(dict(keep=3, **d["checkpoint"]))

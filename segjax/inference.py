@@ -35,14 +35,14 @@ image size.
 import dataclasses
 import math
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from segjax import metrics, viz
+from segjax import metrics
 from segjax.errors import ConfigError, DataError
 from segjax.ops import region_resize
 
@@ -100,14 +100,14 @@ class Segmenter:
     self.options = options
     self.compilations = 0  # distinct canvases traced so far
     self._run = jax.jit(self._canvas_probabilities)
-    self._confusion = jax.jit(self._canvas_confusion, static_argnums=(4, 5))
+    self._confusion = jax.jit(self.canvas_confusion, static_argnums=(4, 5))
 
   def canvas_shape(self, height: int, width: int) -> Tuple[int, int]:
     """The static canvas an image of this size is placed on."""
     b = self.options.bucket
     return math.ceil(height / b) * b, math.ceil(width / b) * b
 
-  def _place(self, image, fill=0):
+  def place(self, image, fill=0):
     """image [H, W, ...] -> ([1, *canvas, ...] with the image top-left and
     `fill` elsewhere, its size int32 [2])."""
     height, width = image.shape[:2]
@@ -120,7 +120,7 @@ class Segmenter:
     """Labels int32 [H, W] and probabilities float32 [H, W, K] of one
     normalised image float32 [H, W, 3]."""
     height, width = image.shape[:2]
-    probs = self._run(variables, *self._place(np.asarray(image, np.float32)))
+    probs = self._run(variables, *self.place(np.asarray(image, np.float32)))
     probs = probs[0, :height, :width]
     return np.asarray(jnp.argmax(probs, axis=-1), np.int32), np.asarray(probs)
 
@@ -128,13 +128,16 @@ class Segmenter:
                 ignore_index: int = 255) -> np.ndarray:
     """Confusion matrix int32 [K, K] (rows ground truth) of one normalised
     image float32 [H, W, 3] against its label int [H, W], at its resolution."""
-    canvas, valid = self._place(np.asarray(image, np.float32))
-    labels, _ = self._place(np.asarray(label, np.int32), fill=ignore_index)
+    canvas, valid = self.place(np.asarray(image, np.float32))
+    labels, _ = self.place(np.asarray(label, np.int32), fill=ignore_index)
     return np.asarray(self._confusion(variables, canvas, valid, labels, num_classes,
                                       ignore_index))
 
   # --- traced --------------------------------------------------------------
-  def _canvas_confusion(self, variables, canvas, valid, labels, num_classes, ignore_index):
+  def canvas_confusion(self, variables, canvas, valid, labels, num_classes,
+                       ignore_index=255):
+    """[K, K] int32 confusion of the image in canvas [1, Hc, Wc, 3] (size
+    valid int32 [2]) against labels [1, Hc, Wc] (ignore outside the image)."""
     probs = self._canvas_probabilities(variables, canvas, valid)
     return metrics.confusion_matrix(labels, jnp.argmax(probs, axis=-1), num_classes,
                                     ignore_index=ignore_index)
@@ -216,17 +219,6 @@ class Segmenter:
     return total / jnp.maximum(count, 1.0)
 
 
-def evaluate(segmenter: Segmenter, variables, examples, num_classes: int,
-             ignore_index: int = 255) -> np.ndarray:
-  """Confusion matrix int64 [K, K] (rows ground truth) over `examples`, an
-  iterable of (normalised image float32 [H, W, 3], label int [H, W]) scored
-  at each image's own resolution."""
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  for image, label in examples:
-    confusion += segmenter.confusion(variables, image, label, num_classes, ignore_index)
-  return confusion
-
-
 # --- image files -------------------------------------------------------------
 
 
@@ -252,33 +244,3 @@ def normalize(image, mean, std):
   """uint8 [H,W,3] -> float32 [H,W,3], (x - mean) / std per channel."""
   return (image.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(
       std, np.float32)
-
-
-def predict_files(trainer, state, paths: Sequence[str], output_dir: str):
-  """Writes `<name>_mask.png` (colours), `<name>_overlay.png` and
-  `<name>_labels.png` (class indices) for each image file, inferred as the
-  config's `eval` block says (mode, scales, flip).
-
-  Returns:
-    list of written file paths.
-  """
-  config = trainer.config
-  host = trainer.par.host_state(state)
-  variables = {"params": host.params, "batch_stats": host.batch_stats}
-  segmenter = Segmenter(trainer.model, InferenceOptions.from_config(config.eval))
-  colours = viz.palette(config.num_classes)
-  os.makedirs(output_dir, exist_ok=True)
-  written = []
-  for path in paths:
-    image = read_image(path)
-    labels, _ = segmenter(variables, normalize(image, config.augment.mean,
-                                               config.augment.std))
-    labels = labels.astype(np.uint8)
-    stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
-    outputs = {f"{stem}_mask.png": viz.colorize(labels, colours),
-               f"{stem}_overlay.png": viz.overlay(image, labels, colours),
-               f"{stem}_labels.png": labels}
-    for out_path, array in outputs.items():
-      viz.save_png(out_path, array)
-      written.append(out_path)
-  return written

@@ -37,7 +37,7 @@ def test_eval_equals_metrics_image_by_image(dataset, tmp_path, capsys):
   common = [f"--config.dataset=folder:{dataset}", f"--config.data_dir={data_dir}",
             "--config.num_classes=2", "--config.eval.resize_to=None"]
   assert cli.main(["train", "--config", CONFIG, "--workdir", str(workdir),
-                   *common, "--config.eval.image_size=96,96"]) == 0
+                   *common]) == 0
   # Native size on exact canvases: the model sees each image as it is.
   assert cli.main(["eval", "--workdir", str(workdir), "--config.eval.bucket=1"]) == 0
   with open(workdir / "metrics.jsonl") as f:

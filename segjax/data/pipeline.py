@@ -14,10 +14,12 @@ shard. Hence:
   * with a fixed S the batches do not depend on how many hosts read them, so
     2 processes x 2 devices train exactly like 1 process x 4 devices.
 
-Evaluation stream. Each host reads `tfds.split_for_jax_process(split)`, pads
-its part with masked-out examples to the same number of batches as every
-other host, and each batch carries `mask` [B] (1 = real example), so each
-example is counted exactly once on any number of hosts and devices.
+Evaluation. Each host reads `tfds.split_for_jax_process(split)`, so each
+example is read by exactly one host. Semantic evaluation takes the examples
+one by one at their own size (`eval_examples`, scored by segjax.evaluation);
+detector evaluation batches them on a fixed canvas (`evaluation_stream`),
+padding each host's part with masked-out examples to the same number of
+batches as every other host, each batch carrying `mask` [B] (1 = real).
 """
 import math
 
@@ -172,40 +174,6 @@ def _unet_weights(label, kwargs):
   return weight
 
 
-def eval_batches(config, process_index=None, process_count=None, split=None,
-                 local_devices=1):
-  """Yields the host-local evaluation batches, padded, with a "mask".
-
-  The per-host batch is eval.batch_size / P rounded up to a multiple of
-  `local_devices`. Every host yields the same number of batches. Images are
-  padded to `eval.image_size` (if set, label 255 there) and then resized to
-  `eval.resize_to` (if set) while labels keep the full resolution.
-
-  Yields:
-    dict: "image" float32 [b,h,w,3], "label" int32 [b,H,W], "mask" int32 [b].
-  """
-  aug = config.augment
-  size = tuple(config.eval.get("image_size") or ()) or None
-  resize_to = tuple(config.eval.get("resize_to") or ()) or None
-
-  def prepare(example):
-    out = transforms.eval_transform(semantic_example(example), pad_size=size,
-                                    mean=tuple(aug.mean), std=tuple(aug.std))
-    if resize_to:  # The model sees this size; labels keep theirs (eval_step).
-      out["image"] = tf.image.resize(out["image"], resize_to, method="bilinear")
-    out["mask"] = tf.constant(1, tf.int32)
-    return out
-
-  def blank(ds):  # Padding examples: label all ignore, mask 0.
-    return {k: tf.zeros_like(v) if k != "label" else tf.fill(tf.shape(v), IGNORE)
-            for k, v in next(iter(ds.take(1))).items()}
-
-  ds = evaluation_stream(config, prepare, blank, split=split,
-                         process_index=process_index, process_count=process_count,
-                         local_devices=local_devices)
-  yield from _checked(ds, config)
-
-
 def evaluation_stream(config, prepare, blank, split=None, process_index=None,
                       process_count=None, local_devices=1):
   """This host's evaluation batches as a tf.data.Dataset (the stream of the
@@ -241,11 +209,13 @@ def evaluation_stream(config, prepare, blank, split=None, process_index=None,
 def eval_examples(config, split=None, process_index=None, process_count=None):
   """Yields this host's evaluation examples one by one, at their own size.
 
-  For `segjax eval`'s per-image inference (segjax.inference): no padding,
-  no resizing; each host reads `tfds.split_for_jax_process(split)`.
+  For per-image evaluation (segjax.evaluation): no padding, no resizing;
+  each host reads `tfds.split_for_jax_process(split)`, so every example is
+  read by exactly one host.
 
   Yields:
-    (image float32 [H, W, 3] normalised, label int32 [H, W]) numpy pairs.
+    (name, image float32 [H, W, 3] normalised, label int32 [H, W]): name is
+    the example's file_name where the dataset has one, else its tfds id.
   """
   index, count = _process(process_index, process_count)
   split = split or config.eval.split
@@ -256,11 +226,19 @@ def eval_examples(config, split=None, process_index=None, process_count=None):
   aug = config.augment
   host_split = tfds.split_for_jax_process(split, process_index=index,
                                           process_count=count)
-  ds = builder.as_dataset(split=host_split, shuffle_files=False)
-  ds = ds.map(semantic_example).map(lambda ex: transforms.eval_transform(
-      ex, mean=tuple(aug.mean), std=tuple(aug.std)))
-  for example in _checked(ds.batch(1), config):
-    yield example["image"][0], example["label"][0]
+  ds = builder.as_dataset(split=host_split, shuffle_files=False,
+                          read_config=tfds.ReadConfig(add_tfds_id=True))
+
+  def prepare(example):
+    out = transforms.eval_transform(semantic_example(example), mean=tuple(aug.mean),
+                                    std=tuple(aug.std))
+    out["name"] = example.get("file_name", example["tfds_id"])
+    return out
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+  # Labels are checked per image by the evaluation, which names the image.
+  for example in _checked(ds, config, check=lambda *_: None):
+    yield example["name"].decode(), example["image"], example["label"]
 
 
 def _options():
@@ -285,11 +263,6 @@ def _checked(ds, config, check=None):
     except StopIteration:
       return
     except tf.errors.InvalidArgumentError as e:  # Raised by checks in the graph.
-      if "Cannot batch tensors with different shapes" in e.message:
-        raise DataError(
-            f"dataset {config.dataset}: images of different sizes cannot be batched "
-            "for evaluation; set eval.image_size to at least the largest (h, w) "
-            "(they are padded to it, padding ignored), or eval.batch_size=1") from e
       raise DataError(f"dataset {config.dataset}: {e.message.splitlines()[0]}") from e
     check(host_batch, config)
     yield host_batch

@@ -1,33 +1,35 @@
-"""The training loop: data, compiled steps, logging, evaluation, checkpoints.
+"""The training loop: data, compiled steps, logging, checkpoints, evaluation.
 
 `train(config, workdir)` resumes from the newest readable checkpoint in
-<workdir>/checkpoints, trains to `train.steps`, evaluates every
-`eval.every_steps` and at the end, and saves every `checkpoint.every_steps`,
-at the end, and when preempted (SIGTERM). Metrics are fetched from the
-devices only every `train.log_every_steps`, so steps are dispatched without a
-host sync in between.
+<workdir>/checkpoints, trains to `train.steps`, saves every
+`checkpoint.every_steps`, at the end, and when preempted (SIGTERM), and
+evaluates every `eval.every_steps` and at the end. At a step due for both,
+the checkpoint is written first: an evaluation that fails never costs one.
+Metrics are fetched from the devices only every `train.log_every_steps`, so
+steps are dispatched without a host sync in between.
+
+What differs between kinds of model (loss, data, evaluation) comes from the
+config's task (segjax/tasks); nothing here depends on the kind.
 """
-import functools
 import os
 import signal
 import threading
 import time
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
 from segjax import config as config_lib
-from segjax import losses, metrics, models
-from segjax.data import instances, pipeline
+from segjax import models, tasks
 from segjax.errors import ConfigError, TrainingError
-from segjax.models.detection import mask_rcnn
 from segjax.train import checkpoint as ckpt_lib
-from segjax.train import detection, optim, parallel, steps
+from segjax.train import optim, parallel, steps
 from segjax.train.logger import MetricsWriter, Progress
 from segjax.train.state import TrainState, init_state
 
 
-def build_model(config, axis_name=None):
+def build_model(config, axis_name: Optional[str] = None):
   """The config's model, with compute dtype and (pmap) BatchNorm axis name."""
   import jax.numpy as jnp
   kwargs = dict(config.model_kwargs)
@@ -38,44 +40,41 @@ def build_model(config, axis_name=None):
 
 
 class Trainer:
-  """Holds the compiled steps and the state of one run (also used by eval).
+  """Holds the compiled step, the task and the state of one run (also used
+  by `segjax eval` and `segjax predict`).
 
   Use it as a context manager (or call `close`): orbax's checkpoint manager
   runs background threads, which must finish before the process exits.
   """
 
-  def __init__(self, config, workdir, devices=None):
+  def __init__(self, config, workdir: str, devices: Optional[Sequence[jax.Device]] = None):
     self.config = config
     self.workdir = workdir
     self.par = parallel.Parallel(config.parallel.mode, parallel.make_mesh(devices))
     self.primary = jax.process_index() == 0
-    self.task = models.task(config.model)
     self.model = build_model(config, self.par.axis_name)
-    self.tx, self.schedule = optim.make_optimizer(config.optimizer, config.train.steps)
-    if self.task == "instance":
-      self.tx = optim.freeze(self.tx, functools.partial(mask_rcnn.trainable_mask,
-                                                        self.model))
+    self.task = tasks.for_config(config, self.model, self.par)
+    tx, self.schedule = optim.make_optimizer(config.optimizer, config.train.steps)
+    self.tx = self.task.wrap_optimizer(tx)
     self.checkpoints = ckpt_lib.Checkpoints(
         os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps,
         config.checkpoint.keep)
     self.rng = jax.random.PRNGKey(config.seed)
     self._train_fn = None
-    self._eval_fn = None
-    self._detect_fn = None
-    self.ground_truth = {}  # Detectors: split -> COCO ground truth, read once.
 
-  def __enter__(self):
+  def __enter__(self) -> "Trainer":
     return self
 
   def __exit__(self, *exc_info):
     self.close()
 
-  def close(self):
+  def close(self) -> None:
     """Waits for a background checkpoint write, then stops orbax's threads."""
     self.checkpoints.close()
 
   # --- state ---------------------------------------------------------------
-  def initial_state(self, step=None, set_aside=False):
+  def initial_state(self, step: Optional[int] = None, set_aside: bool = False
+                    ) -> Tuple[TrainState, int]:
     """Fresh state (or `init_from` weights), then the newest checkpoint if any.
 
     Args:
@@ -85,11 +84,8 @@ class Trainer:
     Returns:
       (device state, step it starts from).
     """
-    image_shape = (*self.config.image_size, 3)
-    if self.task == "instance":  # Detector params do not depend on the size.
-      image_shape = (128, 128, 3)
     init = jax.jit(init_state, static_argnums=(0, 1, 3))
-    host = init(self.model, self.tx, jax.random.fold_in(self.rng, 1), image_shape)
+    host = init(self.model, self.tx, jax.random.fold_in(self.rng, 1), self.task.init_shape)
     host = jax.device_get(host)
     if self.config.init_from:
       host = ckpt_lib.load_init(self.config.init_from, host)
@@ -106,81 +102,37 @@ class Trainer:
       return state, int(step)
     return self.par.put_state(jax.device_get(state)), int(step)
 
-  def save(self, state, force=False):
+  def save(self, state: TrainState, force: bool = False) -> bool:
     step = int(self.par.fetch(state.step))
     return self.checkpoints.save(step, self.par.host_state(state).to_dict(), force=force)
 
-  # --- compiled steps ------------------------------------------------------
+  # --- compiled step and data ----------------------------------------------
   @property
-  def train_fn(self):
+  def train_fn(self) -> Callable:
+    """The compiled step: (state, device batch, rng) -> (state, metrics)."""
     if self._train_fn is None:
-      if self.task == "instance":
-        step, extra = steps.instance_train_step, {}
-      else:
-        step, extra = steps.train_step, {"loss_fn": losses.make_loss(self.config.loss)}
-      self._train_fn = self.par.compile(step, donate_first=True, model=self.model,
-                                        tx=self.tx, schedule=self.schedule, **extra)
+      self._train_fn = self.par.compile(
+          steps.train_step, donate_first=True, model=self.model, tx=self.tx,
+          schedule=self.schedule, objective=self.task.objective())
     return self._train_fn
 
-  @property
-  def eval_fn(self):
-    if self._eval_fn is None:
-      self._eval_fn = self.par.compile(
-          steps.eval_step, model=self.model, num_classes=self.config.num_classes)
-    return self._eval_fn
-
-  @property
-  def detect_fn(self):
-    if self._detect_fn is None:
-      self._detect_fn = self.par.compile(steps.detect_step, model=self.model)
-    return self._detect_fn
-
-  def train_batches(self, start_step):
+  def train_batches(self, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
     """Host batches of the training steps from `start_step`, as the step reads them."""
-    if self.task == "instance":
-      return (detection.step_inputs(b, detection.TRAIN_KEYS)
-              for b in instances.train_batches(self.config, start_step=start_step))
-    return pipeline.train_batches(self.config, start_step=start_step)
+    return self.task.train_batches(start_step)
 
-  def evaluate(self, state, split=None):
-    """Scores of the whole split: `metrics.scores` (semantic: the confusion
-    matrix of batched inference at the eval size) or COCO AP (instance:
-    segjax.train.detection.evaluate)."""
-    if self.task == "instance":
-      return detection.evaluate(self, state, split)
-    confusion = self.par.put_replicated(parallel.zeros_confusion(self.config.num_classes))
-    for batch in pipeline.eval_batches(self.config, split=split,
-                                       local_devices=len(self.par.local_devices)):
-      confusion = self.eval_fn(state, self.par.put_batch(batch), confusion)
-    cm = self.par.fetch(confusion)
-    result = metrics.scores(cm)
-    result["num_pixels"] = int(cm.sum())
-    return result
+  def evaluate(self, state: TrainState, split: Optional[str] = None,
+               progress: Optional[Callable] = None) -> Dict:
+    """The task's scores of `split` (default eval.split) for a device state:
+    the config's eval protocol on every device of every host."""
+    return self.task.evaluate(state, split or self.config.eval.split, progress)
 
-
-  def evaluate_images(self, state, split=None, progress=None):
-    """Per-image evaluation as papers report it (segjax.inference: whole or
-    sliding window, scales, flips, each image scored at its own size) ->
-    `metrics.scores` dict. Each host scores its share of the split on its
-    first device; the confusion matrices are summed over hosts."""
-    from segjax import inference
+  def variables(self, state: TrainState) -> Dict:
+    """{"params", "batch_stats"} of a device state, on the host."""
     host = jax.device_get(self.par.host_state(state))
-    variables = {"params": host.params, "batch_stats": host.batch_stats}
-    segmenter = inference.Segmenter(
-        self.model, inference.InferenceOptions.from_config(self.config.eval))
-    examples = pipeline.eval_examples(self.config, split=split)
-    if progress is not None:
-      examples = progress(examples)
-    cm = inference.evaluate(segmenter, variables, examples, self.config.num_classes)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      cm = np.asarray(multihost_utils.process_allgather(cm)).sum(0)
-    result = metrics.scores(cm)
-    result["num_pixels"] = int(cm.sum())
-    return result
+    return {"params": host.params, "batch_stats": host.batch_stats}
 
 
-def train(config, workdir):
+def train(config, workdir: str) -> Optional[Dict]:
   """Runs (or resumes) training; returns the final evaluation scores.
 
   Raises:
@@ -231,11 +183,11 @@ def _train(trainer, config, workdir):
         pending, tick, last_log = [], time.time(), done
         writer.write(done, "train", values)
         progress.line(done, values)
-      if done % config.eval.every_steps == 0 and done != total:
-        _evaluate(trainer, state, done, writer, progress)
       if done % config.checkpoint.every_steps == 0:
         _check_finite(trainer, state, config)
         trainer.save(state)
+      if done % config.eval.every_steps == 0 and done != total:
+        _evaluate(trainer, state, done, writer, progress)
       if preempted(trainer.checkpoints, done):
         _check_finite(trainer, state, config)
         trainer.save(state, force=True)
@@ -246,8 +198,9 @@ def _train(trainer, config, workdir):
               flush=True)
         return None
     _check_finite(trainer, state, config)
-    result = _evaluate(trainer, state, total, writer, progress)
     trainer.save(state, force=True)
+    result = _evaluate(trainer, state, total, writer, progress)
+    progress.print(f"final {config.eval.split}: {trainer.task.summary_line(result)}")
     return result
   finally:
     writer.close()
@@ -295,15 +248,8 @@ def _evaluate(trainer, state, step, writer, progress):
   result = trainer.evaluate(state)
   writer.write(step, trainer.config.eval.split, result)
   progress.print(f"eval {trainer.config.eval.split} at step {step}: "
-                 f"{summary_line(trainer.task, result)} | {time.time() - started:.1f}s")
+                 f"{trainer.task.summary_line(result)} | {time.time() - started:.1f}s")
   return result
-
-
-def summary_line(task, result):
-  """An evaluation's headline figures for the log."""
-  if task == "instance":
-    return detection.summary_line(result)
-  return f"mIoU {result['miou']:.4f} | pixel acc {result['pixel_accuracy']:.4f}"
 
 
 class _PreemptionFlag:

@@ -95,6 +95,14 @@ class Parallel:
       return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)
     return tree
 
+  def local_variables(self, state):
+    """The model variables {"params", "batch_stats"} of a device TrainState,
+    one copy on this process's devices (for per-device evaluation)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if self.mode == "pmap":
+      return self.host_state(variables)
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0), variables)
+
   def put_batch(self, batch):
     """Host-local numpy batch dict -> device arrays for the compiled step."""
     if self.mode == "pmap":

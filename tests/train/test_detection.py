@@ -23,7 +23,9 @@ from segjax.data import builders, instances
 from segjax.data.builders import coco
 from segjax.models.detection.mask_rcnn import TINY, build_mask_rcnn, trainable_mask
 from segjax.models.detection.postprocess import paste_boxes, paste_masks
-from segjax.train import detection, loop, optim, steps
+from segjax import detections
+from segjax.tasks import instance
+from segjax.train import loop, optim, steps
 from segjax.train.state import init_state
 
 # Mask R-CNN's train, evaluation and predict programs: a few minutes of
@@ -58,8 +60,8 @@ def test_step_freezes_params_and_compiles_once():
                     functools.partial(trainable_mask, model))
   state = jax.jit(init_state, static_argnums=(0, 1, 3))(
       model, tx, jax.random.PRNGKey(0), (H, W, 3))
-  step = jax.jit(lambda s, b, r: steps.instance_train_step(
-      s, b, r, model=model, tx=tx, schedule=lambda _: 1e-2))
+  step = jax.jit(lambda s, b, r: steps.train_step(
+      s, b, r, model=model, tx=tx, schedule=lambda _: 1e-2, objective=instance.objective))
   new = state
   for i, counts in enumerate([(2, 1), (0, 4), (0, 0)]):
     new, metrics = step(new, _batch(counts, i), jax.random.PRNGKey(i))
@@ -88,7 +90,7 @@ def test_to_original_scales_boxes_and_pastes_at_the_stored_size():
           "valid": np.array([True, True, True, True, False]),
           "mask_probs": rng.rand(d, m, m).astype(np.float32)}
   # Resized to 50 x 75 on the canvas; stored at 100 x 150 (scale 2).
-  out = detection.to_original(dets, (50, 75), (100, 150))
+  out = detections.to_original(dets, (50, 75), (100, 150))
   np.testing.assert_allclose(out["boxes"], dets["boxes"][:4] * 2)
   np.testing.assert_array_equal(out["classes"], dets["classes"][:4])
   want = np.asarray(paste_masks(jnp.asarray(dets["mask_probs"][:4]), out["boxes"], (100, 150)))
@@ -283,7 +285,7 @@ def _canvas_ground_truth(config, patterns):
 
 
 def _perfect_detect_step(truth, answer_for):
-  """A stand-in for steps.detect_step (same signature, compiled and sharded
+  """A stand-in for tasks.instance.detect_step (same signature, compiled and sharded
   the same way by the Trainer) whose detections for the image with id i are
   image answer_for[i]'s ground truth, score 1, in canvas pixels. Padding
   slots (image_id -1) get the first image's answer: only the batch's "mask"
@@ -302,7 +304,7 @@ def _perfect_detect_step(truth, answer_for):
 
 
 def _evaluate_with(config, tmp_path, monkeypatch, detect_step, num_devices):
-  monkeypatch.setattr(steps, "detect_step", detect_step)
+  monkeypatch.setattr(instance, "detect_step", detect_step)
   with loop.Trainer(config, str(tmp_path), devices=jax.devices()[:num_devices]) as trainer:
     # The state only reaches the stand-in, which ignores it.
     return trainer.evaluate(None, "validation")

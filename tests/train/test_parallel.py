@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from segjax import losses, models
+from segjax.tasks import semantic
 from segjax.train import optim, parallel, steps
 from segjax.train.state import init_state
 
@@ -39,7 +40,8 @@ def _train(mode, num_devices, dropout=0.1):
   state = init_state(model, tx, jax.random.PRNGKey(0), (32, 32, 3))
   state = par.put_state(jax.device_get(state))
   train = par.compile(steps.train_step, donate_first=True, model=model, tx=tx,
-                      loss_fn=losses.make_loss("cross_entropy"), schedule=schedule)
+                      objective=semantic.make_objective(losses.make_loss("cross_entropy")),
+                      schedule=schedule)
   rng = par.put_replicated(jax.random.PRNGKey(1))
   losses_seen = []
   for batch in _batches():
@@ -93,7 +95,8 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
   state = par.put_state(jax.device_get(
       init_state(model, tx, jax.random.PRNGKey(0), (32, 32, 3))))
   train = par.compile(steps.train_step, donate_first=True, model=model, tx=tx,
-                      loss_fn=losses.make_loss("cross_entropy"), schedule=schedule)
+                      objective=semantic.make_objective(losses.make_loss("cross_entropy")),
+                      schedule=schedule)
   batch = next(_batches())
   state, m = train(state, par.put_batch(batch), par.put_replicated(jax.random.PRNGKey(1)))
   assert m["loss"].dtype == jnp.float32 and np.isfinite(float(m["loss"]))

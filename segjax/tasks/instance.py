@@ -1,0 +1,168 @@
+"""Instance segmentation (Mask R-CNN): the paper's losses, COCO AP.
+
+Training reads segjax.data.instances' stream; frozen parameters
+(mask_rcnn.trainable_mask) get no update. Evaluation follows torchvision's
+reference (references/detection): the detector runs on the resized, padded
+canvas, sharded over every device of every host; each detection's box is
+scaled back to the image as stored and its mask pasted there
+(segjax.detections); pycocotools then scores boxes and masks against the
+ground truth at that resolution, crowd regions included, on process 0.
+"""
+import functools
+from typing import Callable, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+from segjax import coco_eval, detections, predict
+from segjax.data import ground_truth, instances
+from segjax.models.detection import mask_rcnn
+from segjax.tasks.base import Task
+from segjax.train import optim
+
+# The keys of an instance batch the compiled steps read; the rest (crowd,
+# num_dropped, int64 ids) stays on the host.
+TRAIN_KEYS = ("image", "image_size", "boxes", "classes", "masks", "valid")
+EVAL_KEYS = ("image", "image_size", "orig_size", "mask", "image_id")
+
+
+def objective(model, variables, batch, key, axis_name=None):
+  """Mask R-CNN's summed losses of one batch (steps.Objective).
+
+  Under jit the losses are normalised over the global batch, as one
+  torchvision process with the whole batch. Under pmap each device
+  normalises over its own images and the gradients are averaged:
+  torchvision's DistributedDataParallel.
+
+  Args:
+    batch: segjax.data.instances' training batch: "image" [B,H,W,3],
+      "image_size" [B,2], "boxes" [B,G,4], "classes" [B,G], "masks"
+      [B,G,H,W], "valid" [B,G].
+    key: the anchor and ROI samplers' key.
+  """
+  out, updates = mask_rcnn.train_losses(model, variables, batch, key)
+  if axis_name:  # Each device's share of the mean over devices.
+    out = jax.tree_util.tree_map(lambda x: x / jax.lax.psum(1, axis_name), out)
+  return out["loss"], out, updates.get("batch_stats", variables["batch_stats"])
+
+
+def detect_step(state, batch, *, model, axis_name=None):
+  """Detections of an evaluation batch, in the canvas frame (no pasting).
+
+  Args:
+    state: TrainState.
+    batch: "image" [B,H,W,3] and "image_size" [B,2] int32 (the resized
+      image within the canvas); other keys are passed through.
+    axis_name: unused (pmap calls every step with it).
+
+  Returns:
+    The batch's "image_size", "image_id", "orig_size" and "mask" with the
+    detector's "boxes" [B,D,4], "scores" [B,D], "classes" [B,D], "valid"
+    [B,D] and "mask_probs" [B,D,M,M] (each in its box's frame).
+  """
+  del axis_name
+  dets = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                     batch["image"], batch["image_size"], train=False, paste=False)
+  passed = {k: batch[k] for k in ("image_size", "image_id", "orig_size", "mask")
+            if k in batch}
+  return {**passed, **dets}
+
+
+def step_inputs(batch, keys):
+  """The host batch's arrays the step reads (ids as int32, as jax keeps them)."""
+  out = {k: batch[k] for k in keys if k in batch}
+  if "image_id" in out:
+    out["image_id"] = out["image_id"].astype(np.int32)
+  return out
+
+
+class InstanceTask(Task):
+  name = "instance"
+
+  def __init__(self, config, model, par):
+    super().__init__(config, model, par)
+    self._detect_fn = None
+    self._ground_truth = {}  # split -> CocoEvaluator state, read once per run
+
+  @property
+  def init_shape(self):
+    return (128, 128, 3)  # Detector parameters do not depend on the size.
+
+  def wrap_optimizer(self, tx):
+    return optim.freeze(tx, functools.partial(mask_rcnn.trainable_mask, self.model))
+
+  def objective(self):
+    return objective
+
+  def train_batches(self, start_step):
+    return (step_inputs(b, TRAIN_KEYS)
+            for b in instances.train_batches(self.config, start_step=start_step))
+
+  @property
+  def detect_fn(self):
+    if self._detect_fn is None:
+      self._detect_fn = self.par.compile(detect_step, model=self.model)
+    return self._detect_fn
+
+  def _detections(self, state, split):
+    """Yields, on every process, for every real image of the global
+    evaluation batches: (image_id, detections of detect_step for the image,
+    image_size, orig_size), numpy."""
+    batches = instances.eval_batches(self.config, split=split,
+                                     local_devices=len(self.par.local_devices))
+    for batch in batches:
+      out = self.par.gather(self.detect_fn(
+          state, self.par.put_batch(step_inputs(batch, EVAL_KEYS))))
+      for i in np.flatnonzero(out["mask"]):
+        one = {k: out[k][i] for k in ("boxes", "scores", "classes", "valid", "mask_probs")}
+        yield int(out["image_id"][i]), one, out["image_size"][i], out["orig_size"][i]
+
+  def _ground_truth_state(self, split):
+    """The split's ground truth as a CocoEvaluator state, read and encoded
+    once per run (it is the same at every evaluation)."""
+    if split not in self._ground_truth:
+      gt = coco_eval.CocoEvaluator(self.config.num_classes)
+      for ex in ground_truth.instance_ground_truth(self.config, split):
+        gt.add_ground_truth(ex["image_id"], ex["height"], ex["width"], ex["boxes"],
+                            ex["classes"], ex["masks"], ex["crowd"])
+      self._ground_truth[split] = gt.state()
+    return self._ground_truth[split]
+
+  def evaluate(self, state, split, progress: Optional[Callable] = None) -> Dict:
+    """COCO box and mask AP (coco_eval.CocoEvaluator.summary keys) on
+    process 0; other processes return {}."""
+    images = self._detections(state, split)
+    if progress is not None:
+      images = progress(images)
+    if jax.process_index() != 0:
+      for _ in images:  # Only to run the collective steps.
+        pass
+      return {}
+    evaluator = coco_eval.CocoEvaluator(self.config.num_classes,
+                                        ground_truth.class_names(self.config))
+    for image_id, one, image_size, orig_size in images:
+      dets = detections.to_original(one, image_size, orig_size)
+      evaluator.add_detections(image_id, dets["boxes"], dets["scores"], dets["classes"],
+                               dets["masks"])
+    evaluator.merge(self._ground_truth_state(split))
+    return evaluator.summary()
+
+  def describe_eval(self):
+    return "COCO box and mask AP"
+
+  def summary_line(self, result):
+    if not result:
+      return ""
+    return (f"mask AP {result['mask_ap']:.4f} | mask AP50 {result['mask_ap50']:.4f} | "
+            f"box AP {result['box_ap']:.4f} | box AP50 {result['box_ap50']:.4f}")
+
+  def report(self, result) -> List[str]:
+    if not result:
+      return []
+    names = ground_truth.class_names(self.config)
+    per_class = ", ".join(f"{n} {v:.3f}"
+                          for n, v in zip(names[1:], result["mask_per_class_ap"]))
+    return [f"per-class mask AP: {per_class}"]
+
+  def predict_files(self, variables, paths: Sequence[str], output_dir: str):
+    return predict.instance_files(self.model, variables, self.config, paths, output_dir)

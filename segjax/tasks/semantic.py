@@ -1,0 +1,85 @@
+"""Semantic segmentation: a per-pixel loss, mIoU image by image.
+
+Training reads segjax.data.pipeline's stream and differentiates the
+config's loss (segjax.losses). Evaluation runs the config's `eval` protocol
+on every image at its own size, spread over every device
+(segjax.evaluation), so the figure logged during training is the figure
+`segjax eval` gives for the same checkpoint.
+"""
+import functools
+from typing import Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from segjax import evaluation, inference, losses, predict
+from segjax.data import pipeline
+from segjax.tasks.base import Task
+from segjax.train import steps
+
+IGNORE = 255
+
+
+def objective(model, variables, batch, key, axis_name=None, *, loss_fn):
+  """The config's loss of one batch (steps.Objective).
+
+  Args:
+    batch: "image" [B,H,W,3] float32, "label" [B,H,W] int32 (255 = ignore)
+      and optionally "weight" [B,H,W] float32 pixel weights.
+    key: the dropout key.
+    loss_fn: `loss_fn(outputs, batch)`, the mean loss over valid pixels.
+  """
+  # Under pmap each device sees part of the batch. Weighting its mean loss by
+  # its share of valid pixels makes the psum of gradients equal the gradient
+  # of the global mean, exactly what jit computes over the whole batch.
+  share = 1.0
+  if axis_name:
+    valid = jnp.sum((batch["label"] != IGNORE).astype(jnp.float32))
+    share = valid / jnp.maximum(jax.lax.psum(valid, axis_name), 1.0)
+  outputs, new_vars = model.apply(variables, batch["image"], train=True,
+                                  mutable=["batch_stats"], rngs={"dropout": key})
+  loss = loss_fn(outputs, batch) * share
+  return loss, {"loss": loss}, new_vars.get("batch_stats", {})
+
+
+def make_objective(loss_fn) -> steps.Objective:
+  """The objective of `loss_fn(outputs, batch)` for steps.train_step."""
+  return functools.partial(objective, loss_fn=loss_fn)
+
+
+class SemanticTask(Task):
+  name = "semantic"
+
+  def __init__(self, config, model, par):
+    super().__init__(config, model, par)
+    self.segmenter = inference.Segmenter(
+        model, inference.InferenceOptions.from_config(config.eval))
+    self.scorer = evaluation.ShardedScorer(
+        self.segmenter, config.num_classes, par.local_devices,
+        evaluation.per_device_images(config.eval.batch_size, par.num_devices))
+
+  def objective(self):
+    return make_objective(losses.make_loss(self.config.loss))
+
+  def train_batches(self, start_step):
+    return pipeline.train_batches(self.config, start_step=start_step)
+
+  def evaluate(self, state, split, progress: Optional[Callable] = None) -> Dict:
+    variables = self.par.local_variables(state)
+    return evaluation.evaluate(self.scorer, variables,
+                               pipeline.eval_examples(self.config, split=split), progress)
+
+  def describe_eval(self):
+    o = self.segmenter.options
+    return (f"{o.mode} inference" + (f" at {o.resize_to}" if o.resize_to else "")
+            + f", scales {tuple(o.scales)}, flip {o.flip}")
+
+  def summary_line(self, result):
+    return f"mIoU {result['miou']:.4f} | pixel acc {result['pixel_accuracy']:.4f}"
+
+  def report(self, result) -> List[str]:
+    per_class = ", ".join("nan" if v != v else f"{v:.3f}" for v in result["per_class_iou"])
+    return [f"mean accuracy {result['mean_accuracy']:.4f}", f"per-class IoU: {per_class}"]
+
+  def predict_files(self, variables, paths: Sequence[str], output_dir: str):
+    return predict.semantic_files(self.model, variables, self.config, paths, output_dir)
