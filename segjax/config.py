@@ -15,7 +15,8 @@ import ml_collections
 
 from segjax.errors import ConfigError
 
-# Keys every trainer config has (DESIGN.md). Missing ones are reported at once.
+# Keys every trainer config has (docs/design.md, "Configs"). Missing ones are
+# reported at once.
 REQUIRED_KEYS = (
     "seed", "model", "model_kwargs", "dataset", "data_dir", "num_classes",
     "image_size", "train.steps", "train.batch_size", "train.log_every_steps",

@@ -4,14 +4,14 @@
   variables = model.init(rng, images, train=False)
   outputs = model.apply(variables, images, train=False)  # {"logits": ...}
 
-Every semantic model follows the same contract (DESIGN.md, "Modules"): called
+Every semantic model follows the same contract (docs/design.md, "Model contract"): called
 as `model.apply(variables, images [N, H, W, 3], train=...)`, it returns a dict
 with "logits" [N, H, W, num_classes] float32 at the input resolution, plus
 optional extra heads. tests/models/test_contract.py checks every entry here.
 
 Instance segmentation models (Mask R-CNN's variants) are in DETECTORS: they
 take images and return detections (segjax.models.detection.mask_rcnn), so
-they have their own contract and their own train and eval steps;
+they have their own contract and their own task (segjax/tasks/instance.py);
 `task(name)` tells the two kinds apart and `build` builds either.
 
 To add a model, import its module and add one line to MODELS; size variants

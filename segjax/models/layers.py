@@ -106,7 +106,7 @@ class ConvTranspose2x(nn.Module):
   With kernel == stride the output windows do not overlap: each input pixel
   alone produces a 2x2 output patch, i.e. a 1x1 conv to 4*C channels followed
   by depth-to-space. XLA lowers nn.ConvTranspose to a conv over a zero-stuffed
-  input instead, about 2.4x slower for a whole U-Net step on CPU (DESIGN.md,
+  input instead, about 2.4x slower for a whole U-Net step on CPU (docs/design.md,
   "Performance notes") and slow on cuDNN too, so `impl="fast"` (the default)
   uses the 1x1 form. `impl="xla"` runs lax.conv_transpose on the same params:
   the reference the fast form is tested and benchmarked against.

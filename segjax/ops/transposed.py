@@ -2,7 +2,7 @@
 
 XLA lowers a transposed convolution to a convolution over a zero-stuffed
 input, which wastes stride**2 of its multiplies and is slow on CPU and cuDNN
-(see DESIGN.md). The same function is a "sub-pixel" convolution: output pixel
+(docs/design.md, "Performance notes"). The same function is a "sub-pixel" convolution: output pixel
 (s*q + r) only ever meets kernel taps r, r + s, r + 2s, ..., so one ordinary
 convolution with ceil(k/s) taps and s*s*C_out output channels, followed by
 depth-to-space, computes every phase at once. `impl="xla"` keeps the plain

@@ -17,12 +17,14 @@ import logging
 import os
 import shutil
 import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from segjax.errors import CheckpointError
+from segjax.train.state import TrainState
 
 ITEM = "state"
 
@@ -43,7 +45,8 @@ class Checkpoints:
     async_save: write in a background thread while training goes on.
   """
 
-  def __init__(self, directory, every_steps=1000, keep=3, async_save=True):
+  def __init__(self, directory: str, every_steps: int = 1000, keep: int = 3,
+               async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every_steps, max_to_keep=keep, create=True,
@@ -60,20 +63,21 @@ class Checkpoints:
       raise CheckpointError(f"cannot open checkpoint directory {self.directory}: "
                             f"{e}; check the --workdir path and its permissions") from e
 
-  def all_steps(self):
+  def all_steps(self) -> List[int]:
     return sorted(self.manager.all_steps())
 
-  def latest_step(self):
+  def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step, tree, force=False):
+  def save(self, step: int, tree: Any, force: bool = False) -> bool:
     """Starts saving `tree` at `step` if due (or forced); returns whether it did."""
     if step in self.manager.all_steps():
       return False
     return self.manager.save(step, args=ocp.args.Composite(
         **{ITEM: ocp.args.StandardSave(tree)}), force=force)
 
-  def restore(self, target, step=None, set_aside=False):
+  def restore(self, target: Any, step: Optional[int] = None, set_aside: bool = False
+              ) -> Tuple[Optional[Any], Optional[int]]:
     """Restores the newest readable checkpoint (or exactly `step`).
 
     Args:
@@ -192,15 +196,15 @@ class Checkpoints:
     self.manager.reload()
     return f"moved to {target}"
 
-  def reached_preemption(self, step):
+  def reached_preemption(self, step: int) -> bool:
     """True on every host once a preemption notice has been agreed at `step`."""
     return self.manager.reached_preemption(step)
 
-  def wait(self):
+  def wait(self) -> None:
     """Blocks until the background save (if any) is finished."""
     self.manager.wait_until_finished()
 
-  def close(self):
+  def close(self) -> None:
     """Waits for a background save, then stops orbax's threads (call once
     done: an unclosed manager's threads outlive the event loop they use)."""
     self.manager.close()
@@ -249,7 +253,7 @@ def _flat_shapes(tree):
           for path, leaf in flat}
 
 
-def load_init(path, state):
+def load_init(path: str, state: TrainState) -> TrainState:
   """Starts `state` from the weights in `path` (config.init_from).
 
   `path` is a segjax workdir, its checkpoints directory, or one step
@@ -271,7 +275,7 @@ def load_init(path, state):
   return state.replace(**new)
 
 
-def restore_on_host(step_dir):
+def restore_on_host(step_dir: str) -> Dict[str, Any]:
   """The `state` item of one step directory as numpy arrays.
 
   Works whatever the number of devices and hosts that wrote it (restoring

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from typing import Any, Dict, Optional, TextIO
 
 import numpy as np
 
@@ -19,7 +20,7 @@ class MetricsWriter:
   list values (per-class IoU) go to the JSON file only.
   """
 
-  def __init__(self, workdir, primary=True, tensorboard=True):
+  def __init__(self, workdir: str, primary: bool = True, tensorboard: bool = True):
     self.primary = primary
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
@@ -27,7 +28,7 @@ class MetricsWriter:
       import tensorflow as tf  # tf.summary writes the standard event files.
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
-  def write(self, step, split, values):
+  def write(self, step: int, split: str, values: Dict[str, Any]) -> None:
     if not self.primary:
       return
     row = {"step": int(step), "split": split}
@@ -42,7 +43,7 @@ class MetricsWriter:
             tf.summary.scalar(f"{split}/{key}", float(value))
       self._tb.flush()
 
-  def rewind(self, step):
+  def rewind(self, step: int) -> None:
     """Drops the rows of steps after `step`, and a last line cut short by a kill.
 
     The file is rewritten through a temporary file and a rename, so a kill
@@ -62,7 +63,7 @@ class MetricsWriter:
       f.write("".join(line + "\n" for line in kept))
     os.replace(temporary, self.path)
 
-  def close(self):
+  def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
 
@@ -85,14 +86,14 @@ def _jsonable(value):
 class Progress:
   """One line per log interval: step, loss, learning rate, images/s, ETA."""
 
-  def __init__(self, total_steps, primary=True, stream=None):
+  def __init__(self, total_steps: int, primary: bool = True, stream: Optional[TextIO] = None):
     self.total = total_steps
     self.primary = primary
     self.stream = stream or sys.stdout
     self.start = time.time()
     self._first = None  # (step, time) of the first line: the rate excludes compiling.
 
-  def line(self, step, values):
+  def line(self, step: int, values: Dict[str, float]) -> None:
     if not self.primary:
       return
     now = time.time()
@@ -112,7 +113,7 @@ class Progress:
       parts.append(f"eta {_duration(remaining)}")
     self.print(" | ".join(parts))
 
-  def print(self, text):
+  def print(self, text: str) -> None:
     if self.primary:
       print(text, file=self.stream, flush=True)
 

@@ -1,11 +1,13 @@
 """optax optimizers and learning-rate schedules built from the config."""
+from typing import Any, Callable, Tuple
+
 import jax
 import optax
 
 from segjax.errors import ConfigError
 
 
-def make_schedule(opt, total_steps):
+def make_schedule(opt, total_steps: int) -> optax.Schedule:
   """Learning rate per step: linear warmup, then constant, poly, cosine or step.
 
   `poly` is DeepLab's lr * (1 - t/T)^power; `cosine` decays to
@@ -42,7 +44,8 @@ def make_schedule(opt, total_steps):
       [optax.linear_schedule(lr / warmup, lr, warmup), main], [warmup])
 
 
-def make_optimizer(opt, total_steps):
+def make_optimizer(opt, total_steps: int
+                   ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optax transformation, schedule) for `config.optimizer`.
 
   Weight decay is decoupled for AdamW and L2-added-to-gradient for SGD and
@@ -97,7 +100,8 @@ def _matrices_only(params):
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def freeze(tx, trainable):
+def freeze(tx: optax.GradientTransformation, trainable: Callable[[Any], Any]
+           ) -> optax.GradientTransformation:
   """`tx` for the params that train; zero updates and no optimizer state for
   the others, so that weight decay cannot move them either.
 

@@ -12,17 +12,18 @@ steps reduce across devices with `psum` over `PMAP_AXIS`, which the models'
 BatchNorm layers also receive.
 """
 import functools
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PMAP_AXIS = "batch"
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None,
-                           process_id=None):
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
   """Joins a multi-host run; a no-op for a single process.
 
   With explicit arguments (e.g. several CPU/GPU hosts) they are passed to
@@ -48,7 +49,7 @@ def _cluster_detected():
   return any(os.environ.get(m) for m in markers)
 
 
-def make_mesh(devices=None):
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A 1-D mesh with axis "data" over `devices` (default: all devices)."""
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), ("data",))
@@ -62,7 +63,7 @@ class Parallel:
     mesh: the device mesh (jit) — its devices are also the ones pmap uses.
   """
 
-  def __init__(self, mode, mesh):
+  def __init__(self, mode: str, mesh: Mesh):
     self.mode = mode
     self.mesh = mesh
     self.replicated = NamedSharding(mesh, P())
@@ -71,16 +72,16 @@ class Parallel:
                           if d.process_index == jax.process_index()]
 
   @property
-  def axis_name(self):
+  def axis_name(self) -> Optional[str]:
     """Axis name for BatchNorm and the steps' psums (None under jit)."""
     return PMAP_AXIS if self.mode == "pmap" else None
 
   @property
-  def num_devices(self):
+  def num_devices(self) -> int:
     return self.mesh.devices.size
 
   # --- placement ---------------------------------------------------------
-  def put_state(self, tree):
+  def put_state(self, tree: Any) -> Any:
     """Replicates a host pytree (same values on every process)."""
     if self.mode == "pmap":
       # One stacked copy per local device; pmap shards the leading axis.
@@ -89,13 +90,13 @@ class Parallel:
           lambda x: np.repeat(np.asarray(x)[None], n, axis=0), tree)
     return jax.device_put(tree, self.replicated)
 
-  def host_state(self, tree):
+  def host_state(self, tree: Any) -> Any:
     """The single (unreplicated) copy of the state to save or inspect."""
     if self.mode == "pmap":
       return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)
     return tree
 
-  def local_variables(self, state):
+  def local_variables(self, state: Any) -> Dict[str, Any]:
     """The model variables {"params", "batch_stats"} of a device TrainState,
     one copy on this process's devices (for per-device evaluation)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -103,7 +104,7 @@ class Parallel:
       return self.host_state(variables)
     return jax.tree_util.tree_map(lambda x: x.addressable_data(0), variables)
 
-  def put_batch(self, batch):
+  def put_batch(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
     """Host-local numpy batch dict -> device arrays for the compiled step."""
     if self.mode == "pmap":
       n = len(self.local_devices)
@@ -111,17 +112,17 @@ class Parallel:
     return {k: jax.make_array_from_process_local_data(self.data_sharding, v)
             for k, v in batch.items()}
 
-  def put_replicated(self, value):
+  def put_replicated(self, value: Any) -> Any:
     """A small array (PRNG key, confusion matrix) on every device."""
     return self.put_state(value)
 
-  def fetch(self, tree):
+  def fetch(self, tree: Any) -> Any:
     """Replicated device values -> host numpy (first replica under pmap)."""
     if self.mode == "pmap":
       return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x[0])), tree)
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
 
-  def gather(self, tree):
+  def gather(self, tree: Any) -> Any:
     """Per-example outputs of a compiled step -> host numpy of the global batch.
 
     Under jit the step's outputs are replicated global arrays; under pmap
@@ -138,7 +139,7 @@ class Parallel:
         local, tiled=True))
 
   # --- compilation -------------------------------------------------------
-  def compile(self, step_fn, donate_first=False, **static):
+  def compile(self, step_fn: Callable, donate_first: bool = False, **static) -> Callable:
     """Compiles `step_fn(first, batch, other, **static)`.
 
     `first` and `other` are replicated (state, rng or confusion matrix) and
@@ -156,7 +157,3 @@ class Parallel:
     fn = functools.partial(step_fn, **static)
     return jax.jit(fn, donate_argnums=donate,
                    out_shardings=self.replicated)
-
-
-def zeros_confusion(num_classes):
-  return jnp.zeros((num_classes, num_classes), jnp.int32)

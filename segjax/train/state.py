@@ -4,11 +4,12 @@ The state holds arrays only (no functions), so it can be donated to jit,
 replicated with pmap and saved by orbax as it is: the checkpoint item
 `state` is this pytree.
 """
-from typing import Any
+from typing import Any, Dict, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
+import optax
 
 
 @flax.struct.dataclass
@@ -29,12 +30,13 @@ class TrainState:
   opt_state: Any
   nonfinite: jax.Array
 
-  def to_dict(self):
+  def to_dict(self) -> Dict[str, Any]:
     return dict(step=self.step, params=self.params, batch_stats=self.batch_stats,
                 opt_state=self.opt_state, nonfinite=self.nonfinite)
 
 
-def init_state(model, tx, rng, image_shape):
+def init_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+               image_shape: Tuple[int, int, int]) -> TrainState:
   """Initialises parameters and optimizer state.
 
   Args:

@@ -154,7 +154,7 @@ class ConvTranspose2x2(nn.Module):
 
   Output pixel (2i + a, 2j + b) is x[i, j] @ kernel[a, b].T: with kernel ==
   stride the windows do not overlap, so `impl="fast"` computes it as one
-  matmul to 4 * features channels + depth-to-space (see DESIGN.md's
+  matmul to 4 * features channels + depth-to-space (docs/design.md's
   performance notes); `impl="xla"` is lax.conv_transpose, the reference.
 
   Attributes:
