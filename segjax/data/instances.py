@@ -52,15 +52,16 @@ image always fits the canvas. Sizes round to the nearest pixel (detectron2's
 ResizeShortestEdge) where torchvision floors, so the short side is exactly
 min_size rather than sometimes one less. Boxes scale by new / old size per
 axis; images resize bilinearly (half-pixel centres, no antialiasing), masks
-with nearest neighbour as both libraries do, so they stay binary.
+with nearest neighbour as both libraries do, so they stay binary (the
+key-generic ops of segjax.data.ops do all three).
 
 Streams: `train_batches` and `eval_batches` read segjax.data.streams, as
-the semantic ones do (see its docstring): the training stream is a pure function of
-(seed, step), resumes at any step without reading earlier examples, and does
-not depend on the number of hosts; evaluation pads every host to the same
-number of batches, marks real examples in "mask" [B] and carries each one's
-"image_id" (-1 for padding) and "orig_size" so predictions map back to the
-original image for COCO evaluation.
+the semantic ones do (see its docstring): the training stream is a pure
+function of (seed, step), resumes at any step without reading earlier
+examples, and does not depend on the number of hosts; evaluation pads
+every host to the same number of batches, marks real examples in "mask" [B]
+and carries each one's "image_id" (-1 for padding) and "orig_size" so
+predictions map back to the original image for COCO evaluation.
 """
 import dataclasses
 
