@@ -43,6 +43,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from segjax import metrics
+# Image files are normalised as the pipelines normalise (predict.py).
+from segjax.data.normalization import normalize  # noqa: F401
 from segjax.errors import ConfigError, DataError
 from segjax.ops import region_resize
 
@@ -238,9 +240,3 @@ def read_image(path):
     raise DataError(f"image {path!r} cannot be decoded ({e}); is it a valid "
                     "PNG/JPEG file? Re-export it or leave it out") from e
   return np.asarray(rgb, np.uint8)
-
-
-def normalize(image, mean, std):
-  """uint8 [H,W,3] -> float32 [H,W,3], (x - mean) / std per channel."""
-  return (image.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(
-      std, np.float32)

@@ -6,7 +6,7 @@ from typing import Dict, Iterator, List
 
 import tensorflow as tf
 
-from segjax.data import instances, pipeline
+from segjax.data import instances, streams
 from segjax.errors import DataError
 
 # Ground truth rows read per image: all of them (COCO has at most a few
@@ -21,14 +21,14 @@ def instance_ground_truth(config, split: str) -> Iterator[Dict]:
     dict: "image_id" int, "height", "width", "boxes" [G,4] float32,
     "classes" [G] int32 (label + 1), "masks" [G,H,W] uint8, "crowd" [G] bool.
   """
-  builder = pipeline._builder(config)
+  builder = streams.builder(config)
   ds = builder.as_dataset(split=split, shuffle_files=False)
   if "image_id" not in ds.element_spec:
     raise DataError(f"dataset {config.dataset} has no image_id feature; COCO "
                     "evaluation matches detections to ground truth by it")
   ds = ds.map(lambda ex: instances.select_instances(ex, _ALL_INSTANCES, drop_crowd=False),
               num_parallel_calls=tf.data.AUTOTUNE)
-  for ex in pipeline._checked(ds.prefetch(2), config, lambda *_: None):
+  for ex in streams.checked(ds.prefetch(2), config, lambda *_: None):
     height, width = ex["image"].shape[:2]
     yield {"image_id": int(ex["image_id"]), "height": height, "width": width,
            "boxes": ex["boxes"], "classes": ex["classes"], "masks": ex["masks"],
@@ -39,6 +39,6 @@ def class_names(config) -> List[str]:
   """The dataset's object class names, index 0 "background"; "class k" for
   each of the num_classes - 1 classes when the dataset names none."""
   try:
-    return ["background", *pipeline._builder(config).info.features["objects"]["label"].names]
+    return ["background", *streams.builder(config).info.features["objects"]["label"].names]
   except (KeyError, AttributeError, TypeError):
     return ["background"] + [f"class {k}" for k in range(1, config.num_classes)]

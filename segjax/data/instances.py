@@ -52,15 +52,16 @@ image always fits the canvas. Sizes round to the nearest pixel (detectron2's
 ResizeShortestEdge) where torchvision floors, so the short side is exactly
 min_size rather than sometimes one less. Boxes scale by new / old size per
 axis; images resize bilinearly (half-pixel centres, no antialiasing), masks
-with nearest neighbour as both libraries do, so they stay binary.
+with nearest neighbour as both libraries do, so they stay binary (the
+key-generic ops of segjax.data.ops do all three).
 
-Streams: `train_batches` and `eval_batches` are built as pipeline.py's
-semantic ones (see its docstring): the training stream is a pure function of
-(seed, step), resumes at any step without reading earlier examples, and does
-not depend on the number of hosts; evaluation pads every host to the same
-number of batches, marks real examples in "mask" [B] and carries each one's
-"image_id" (-1 for padding) and "orig_size" so predictions map back to the
-original image for COCO evaluation.
+Streams: `train_batches` and `eval_batches` read segjax.data.streams, as
+the semantic ones do (see its docstring): the training stream is a pure
+function of (seed, step), resumes at any step without reading earlier
+examples, and does not depend on the number of hosts; evaluation pads
+every host to the same number of batches, marks real examples in "mask" [B]
+and carries each one's "image_id" (-1 for padding) and "orig_size" so
+predictions map back to the original image for COCO evaluation.
 """
 import dataclasses
 
@@ -68,7 +69,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from segjax.data import pipeline, transforms
+from segjax.data import ops, streams
+from segjax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from segjax.errors import ConfigError, DataError
 
 Example = dict[str, tf.Tensor]
@@ -230,16 +232,7 @@ def resize(ex: Example, min_size, max_size: int, canvas: tuple[int, int]) -> Exa
     ex with image float32 [h, w, 3], masks uint8 [N, h, w], boxes scaled by
     (w / W, h / H) and clipped to (w, h).
   """
-  old = tf.shape(ex["image"])[:2]
-  new = resized_size(old, min_size, max_size, canvas)
-  image = tf.image.resize(tf.cast(ex["image"], tf.float32), new, method="bilinear")
-  masks = tf.image.resize(ex["masks"][..., None], new, method="nearest")[..., 0]
-  ratio = tf.cast(new, tf.float32) / tf.cast(old, tf.float32)
-  size = tf.cast(tf.stack([new[1], new[0], new[1], new[0]]), tf.float32)
-  boxes = ex["boxes"] * tf.stack([ratio[1], ratio[0], ratio[1], ratio[0]])
-  # Clipped again: x * (w / W) for x = W may land an ulp beyond w.
-  boxes = tf.clip_by_value(boxes, 0.0, size)
-  return {**ex, "image": image, "masks": masks, "boxes": boxes}
+  return ops.resize(ex, resized_size(ops.size_of(ex), min_size, max_size, canvas))
 
 
 def hflip(ex: Example) -> Example:
@@ -247,28 +240,17 @@ def hflip(ex: Example) -> Example:
 
   Rows marked invalid (if "valid" is present) keep their zero boxes.
   """
-  width = tf.cast(tf.shape(ex["image"])[1], tf.float32)
-  x1, y1, x2, y2 = tf.unstack(ex["boxes"], axis=-1)
-  boxes = tf.stack([width - x2, y1, width - x1, y2], axis=-1)
-  if "valid" in ex:
-    boxes = tf.where(ex["valid"][:, None], boxes, ex["boxes"])
-  return {**ex, "image": tf.reverse(ex["image"], [1]),
-          "masks": tf.reverse(ex["masks"], [2]), "boxes": boxes}
+  return ops.flip_left_right(ex)
 
 
 def pad_to_canvas(ex: Example, canvas: tuple[int, int]) -> Example:
   """Pads image (0) and masks (0) bottom/right to `canvas`; adds "image_size"."""
-  hw = tf.shape(ex["image"])[:2]
-  pad = tf.constant(canvas, tf.int32) - hw
-  image = tf.pad(ex["image"], [[0, pad[0]], [0, pad[1]], [0, 0]])
-  masks = tf.pad(ex["masks"], [[0, 0], [0, pad[0]], [0, pad[1]]])
-  return {**ex, "image": tf.ensure_shape(image, [*canvas, 3]),
-          "masks": tf.ensure_shape(masks, [None, *canvas]), "image_size": hw}
+  ex = ops.pad({**ex, "image_size": ops.size_of(ex)}, canvas)
+  return ops.with_size(ex, *canvas)
 
 
 def train_transform(ex: Example, seed, s: Settings,
-                    mean=transforms.IMAGENET_MEAN,
-                    std=transforms.IMAGENET_STD) -> Example:
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Example:
   """Random scale from s.min_size, flip, normalise, pad to canvas and to G.
 
   Args:
@@ -282,25 +264,19 @@ def train_transform(ex: Example, seed, s: Settings,
   choice = tf.random.stateless_uniform([], scale_seed, 0, len(s.min_size), tf.int32)
   ex = resize(ex, tf.gather(s.min_size, choice), s.max_size, s.canvas)
   if s.flip:
-    flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-    ex = tf.cond(flip, lambda: hflip(ex), lambda: ex)
+    ex = ops.random_flip(ex, flip_seed)
   return _finish(ex, s, mean, std)
 
 
-def eval_transform(ex: Example, s: Settings, mean=transforms.IMAGENET_MEAN,
-                   std=transforms.IMAGENET_STD) -> Example:
+def eval_transform(ex: Example, s: Settings, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD) -> Example:
   """Deterministic: resize with the last min_size, normalise, pad."""
   return _finish(resize(ex, s.min_size[-1], s.max_size, s.canvas), s, mean, std)
 
 
 def _finish(ex, s, mean, std):
   """Normalises (0..255 mean / std), pads to the canvas and to G rows."""
-  mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-    raise ConfigError(f"augment.mean={mean} and augment.std={std} need one "
-                      "value per RGB channel, std positive (0..255 scale)")
-  ex = {**ex, "image": (tf.cast(ex["image"], tf.float32) - mean) / std}
-  ex = pad_to_canvas(ex, s.canvas)
+  ex = pad_to_canvas(ops.normalize(ex, mean, std), s.canvas)
   return ex if "valid" in ex else pad_instances(ex, s.max_instances)
 
 
@@ -308,7 +284,7 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
                   split="train"):
   """Yields the host-local training batches of steps start_step, start_step+1, ...
 
-  Sharding, shuffling, seeding and resuming as pipeline.train_batches.
+  Sharding, shuffling, seeding and resuming as segjax.data.streams says.
 
   Yields:
     dict of numpy arrays, B/P examples of the module docstring's form:
@@ -319,12 +295,12 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
   """
   s = settings(config)
   mean, std = tuple(config.augment.mean), tuple(config.augment.std)
-  ds = pipeline.training_stream(
+  ds = streams.training_stream(
       config, lambda ex: select_instances(ex, s.max_instances, s.drop_crowd),
       lambda seed, ex: train_transform(ex, seed, s, mean, std),
       start_step=start_step, process_index=process_index,
       process_count=process_count, split=split)
-  yield from pipeline._checked(ds, config, _check_classes)
+  yield from streams.checked(ds, config, _check_classes)
 
 
 def eval_batches(config, process_index=None, process_count=None, split=None,
@@ -358,11 +334,11 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
     example["image_id"] = tf.constant(-1, tf.int64)
     return example
 
-  ds = pipeline.evaluation_stream(config, prepare, blank, split=split,
-                                  process_index=process_index,
-                                  process_count=process_count,
-                                  local_devices=local_devices)
-  yield from pipeline._checked(ds, config, _check_classes)
+  ds = streams.evaluation_stream(config, prepare, blank, split=split,
+                                 process_index=process_index,
+                                 process_count=process_count,
+                                 local_devices=local_devices)
+  yield from streams.checked(ds, config, _check_classes)
 
 
 def _check_classes(batch, config):

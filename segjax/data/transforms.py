@@ -1,13 +1,14 @@
-"""tf.data ops that transform an image and its label map together.
+"""The semantic segmentation recipe: an image and its label map together.
 
 Every op takes and returns an example dict
 
   {"image": uint8 or float [H, W, 3], "label": int32 [H, W], ...}
 
-(`validate` brings other channel counts and [H, W, 1] labels to this form);
-keys other than "image" and "label" pass through untouched. Labels use 255
-as "ignore": padding writes it, and resizing labels is nearest-neighbour so
-no label value is ever invented.
+(`validate` brings other channel counts and [H, W, 1] labels to this form).
+The geometry is segjax.data.ops', which treats each key by its name, so a
+"weight" map or instance "masks" and "boxes" follow the image too; other
+keys pass through untouched. Labels use 255 as "ignore": padding writes it,
+and resizing labels is nearest-neighbour so no label value is ever invented.
 
 Random ops take a `seed`: an int32/int64 tensor [2], as for
 `tf.random.stateless_uniform`. Each parameter is drawn once from it and
@@ -27,10 +28,14 @@ import operator
 import tensorflow as tf
 
 from segjax import errors
+from segjax.data import ops
+from segjax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from segjax.data.ops import IGNORE_INDEX, normalize, random_flip
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255 pixel scale
-IMAGENET_STD = (58.395, 57.12, 57.375)
-IGNORE_INDEX = 255
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IGNORE_INDEX", "validate", "resize",
+           "random_scale", "random_crop", "pad_to_size", "random_flip",
+           "photometric_distortion", "normalize", "train_transform",
+           "eval_transform"]
 
 Example = dict[str, tf.Tensor]
 Size = int | Sequence[int]
@@ -99,7 +104,7 @@ def validate(ex: Example) -> Example:
 def resize(ex: Example, size: Size) -> Example:
   """Resizes to exactly `size` (h, w): bilinear image, nearest label."""
   h, w = _pair(size, "size")
-  return _resize_to(ex, tf.constant([h, w], tf.int32))
+  return ops.resize(ex, tf.constant([h, w], tf.int32))
 
 
 def random_scale(ex: Example, seed, scale_range=(0.5, 2.0),
@@ -126,7 +131,7 @@ def random_scale(ex: Example, seed, scale_range=(0.5, 2.0),
     factor *= tf.minimum(long_side / tf.reduce_max(hw),
                          short_side / tf.reduce_min(hw))
   new_hw = tf.maximum(tf.cast(tf.round(hw * factor), tf.int32), 1)
-  return _resize_to(ex, new_hw)
+  return ops.resize(ex, new_hw)
 
 
 def random_crop(ex: Example, seed, size: Size) -> Example:
@@ -142,10 +147,7 @@ def random_crop(ex: Example, seed, size: Size) -> Example:
   u = tf.random.stateless_uniform([2], seed)
   offset = tf.cast(tf.floor(u * tf.cast(slack + 1, tf.float32)), tf.int32)
   offset = tf.minimum(offset, slack)  # Guards u * n rounding up to n.
-  image = tf.slice(ex["image"], tf.concat([offset, [0]], 0),
-                   tf.concat([crop_hw, [-1]], 0))
-  label = tf.slice(ex["label"], offset, crop_hw)
-  return {**ex, "image": image, "label": label}
+  return ops.crop(ex, offset, crop_hw)
 
 
 def pad_to_size(ex: Example, size: Size, image_fill=0,
@@ -156,25 +158,8 @@ def pad_to_size(ex: Example, size: Size, image_fill=0,
   class; `image_fill` is in the image's current units (0 after `normalize`
   is the mean colour).
   """
-  h, w = _pair(size, "size")
-  hw = tf.shape(ex["image"])[:2]
-  pad = tf.maximum([h, w] - hw, 0)
-  image, label = ex["image"], ex["label"]
-  image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]],
-                 constant_values=tf.cast(image_fill, image.dtype))
-  label = tf.pad(label, [[0, pad[0]], [0, pad[1]]],
-                 constant_values=tf.cast(label_fill, label.dtype))
-  return {**ex, "image": image, "label": label}
-
-
-def random_flip(ex: Example, seed, prob: float = 0.5) -> Example:
-  """Mirrors image and label left-right with probability `prob`."""
-  flip = tf.random.stateless_uniform([], seed) < prob
-  image = tf.cond(flip, lambda: tf.reverse(ex["image"], [1]),
-                  lambda: ex["image"])
-  label = tf.cond(flip, lambda: tf.reverse(ex["label"], [1]),
-                  lambda: ex["label"])
-  return {**ex, "image": image, "label": label}
+  return ops.pad(ex, _pair(size, "size"),
+                 {"image": image_fill, "label": label_fill})
 
 
 def photometric_distortion(ex: Example, seed, brightness_delta: float = 32.0,
@@ -224,20 +209,6 @@ def photometric_distortion(ex: Example, seed, brightness_delta: float = 32.0,
   return {**ex, "image": tf.clip_by_value(image, 0.0, 255.0)}
 
 
-def normalize(ex: Example, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Example:
-  """image -> float32 (image - mean) / std per channel; label -> int32.
-
-  `mean` and `std` are on the image's scale: the defaults are ImageNet's in
-  0..255 pixel units, as torchvision-pretrained backbones expect.
-  """
-  mean = _channels(mean, "mean")
-  std = _channels(std, "std")
-  if min(std) <= 0:
-    raise errors.ConfigError(f"normalize: std={std} must be positive.")
-  image = (tf.cast(ex["image"], tf.float32) - mean) / std
-  return {**ex, "image": image, "label": tf.cast(ex["label"], tf.int32)}
-
-
 def train_transform(ex: Example, seed, crop_size: Size,
                     scale_range=(0.5, 2.0), *, base_size: Size | None = None,
                     flip: bool = True, photometric: bool = True,
@@ -274,7 +245,7 @@ def train_transform(ex: Example, seed, crop_size: Size,
     ex = photometric_distortion(ex, seeds[3])
   ex = normalize(ex, mean, std)
   ex = pad_to_size(ex, (crop_h, crop_w), 0.0, label_fill)
-  return _with_shape(ex, crop_h, crop_w)
+  return ops.with_size(ex, crop_h, crop_w)
 
 
 def eval_transform(ex: Example, *, size: Size | None = None,
@@ -310,9 +281,9 @@ def eval_transform(ex: Example, *, size: Size | None = None,
     pad_h, pad_w = _pair(pad_size, "pad_size")
     ex = pad_to_size(ex, (pad_h, pad_w), 0.0, label_fill)
     # An image larger than pad_size fails here rather than being cut.
-    ex = _with_shape(ex, pad_h, pad_w)
+    ex = ops.with_size(ex, pad_h, pad_w)
   elif size is not None:
-    ex = _with_shape(ex, *_pair(size, "size"))
+    ex = ops.with_size(ex, *_pair(size, "size"))
   return ex
 
 
@@ -321,18 +292,6 @@ def _map_hsv(image: tf.Tensor, fn) -> tf.Tensor:
   h, s, v = tf.unstack(tf.image.rgb_to_hsv(image / 255.0), axis=-1)
   h, s = fn(h, s)
   return tf.image.hsv_to_rgb(tf.stack([h, s, v], -1)) * 255.0
-
-
-def _resize_to(ex: Example, hw: tf.Tensor) -> Example:
-  image = tf.image.resize(ex["image"], hw, method="bilinear")
-  # Nearest keeps labels in the set of values the input had (255 included).
-  label = tf.image.resize(ex["label"][..., None], hw, method="nearest")[..., 0]
-  return {**ex, "image": image, "label": label}
-
-
-def _with_shape(ex: Example, h: int, w: int) -> Example:
-  return {**ex, "image": tf.ensure_shape(ex["image"], [h, w, 3]),
-          "label": tf.ensure_shape(ex["label"], [h, w])}
 
 
 def _pair(size, name: str) -> tuple[int, int]:
@@ -352,11 +311,3 @@ def _range(value, name: str) -> tuple[float, float]:
   if low > high:
     raise errors.ConfigError(f"{name}={value!r}: low must not exceed high.")
   return low, high
-
-
-def _channels(value, name: str) -> tuple[float, float, float]:
-  value = tuple(float(v) for v in value)
-  if len(value) != 3:
-    raise errors.ConfigError(
-        f"{name} must have one value per RGB channel, got {value}.")
-  return value

@@ -16,7 +16,8 @@ from segjax.ops import dense_crf
 Array = jax.Array
 
 # The input normalisation of ImageNet-initialised backbones (0..255 RGB), as
-# segjax.data.transforms.normalize's default (not imported: it loads TensorFlow).
+# segjax.data.normalization's default (repeated, so that the models do not
+# depend on the input package).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 

@@ -1,9 +1,12 @@
-"""Joint image/label transforms: geometry, ignore padding, determinism."""
+"""Joint image/label transforms: geometry, ignore padding, determinism; and
+the key-generic ops under them (segjax.data.ops) on image, label, weight,
+instance masks and boxes together."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from segjax import errors
+from segjax.data import normalization, ops
 from segjax.data import transforms as T
 
 H, W = 37, 53
@@ -236,3 +239,140 @@ def test_validate_rejects_bad_examples(image, label, match):
 def test_bad_sizes_raise_config_error(size):
   with pytest.raises(errors.ConfigError):
     T.random_crop(_coordinate_example(), _seed(0), size)
+
+
+# --- key-generic ops: every key of one example moves together ---------------
+
+CLASSES = (3, 1, 2)  # class of each instance of _instance_example
+
+
+def _instance_example():
+  """An example holding every kind of key: instances drawn as rectangles.
+
+  masks [3, H, W] are the rectangles `boxes` [3, 4] (the last one partly
+  under the second); label paints the masks' classes in order on 0;
+  weight is 1 + label; image is random.
+  """
+  boxes = np.array([[4, 2, 20, 15], [30, 10, 53, 37], [25, 5, 41, 30]], np.float32)
+  masks = np.zeros((3, H, W), np.uint8)
+  label = np.zeros((H, W), np.int32)
+  for k, (x1, y1, x2, y2) in enumerate(boxes.astype(int)):
+    masks[k, y1:y2, x1:x2] = 1
+    label[y1:y2, x1:x2] = CLASSES[k]
+  image = np.random.default_rng(4).integers(0, 256, (H, W, 3), np.uint8)
+  return {"image": tf.constant(image), "label": tf.constant(label),
+          "weight": tf.constant(1.0 + label.astype(np.float32)),
+          "masks": tf.constant(masks), "boxes": tf.constant(boxes),
+          "image_size": tf.constant([H, W], tf.int32), "key": tf.constant("kept")}
+
+
+def _bounding_boxes(masks):
+  """[N, 4] (x1, y1, x2, y2) of each mask's pixels; zeros for empty masks."""
+  out = np.zeros((len(masks), 4), np.float32)
+  for k, mask in enumerate(np.asarray(masks)):
+    ys, xs = np.nonzero(mask)
+    if len(ys):
+      out[k] = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+  return out
+
+
+def _paint(masks, hw):
+  label = np.zeros(hw, np.int32)
+  for k, mask in enumerate(np.asarray(masks)[:, :hw[0], :hw[1]]):
+    label[mask == 1] = CLASSES[k]
+  return label
+
+
+def _assert_consistent(ex, box_atol=0.0):
+  """Masks, label and weight (where present) agree pixel for pixel on the
+  real image; each box is its mask's bounding box (within box_atol)."""
+  h, w = ex["image_size"].numpy()
+  assert ex["image"].shape[:2] == ex["label"].shape
+  assert ex["masks"].shape[1:] == ex["label"].shape
+  label = ex["label"].numpy()
+  np.testing.assert_array_equal(label[:h, :w], _paint(ex["masks"], (h, w)))
+  if "weight" in ex:  # 1 + class on the image, 0 on padding (label 255)
+    np.testing.assert_array_equal(ex["weight"], np.where(label == 255, 0, 1.0 + label))
+  np.testing.assert_allclose(ex["boxes"], _bounding_boxes(ex["masks"]), atol=box_atol)
+  assert ex["key"].numpy() == b"kept"
+
+
+@pytest.mark.parametrize("hw", [(74, 106), (20, 17), (37, 53), (50, 31)])
+def test_resize_treats_each_key_by_its_name(hw):
+  out = ops.resize(_instance_example(), tf.constant(hw))
+  assert out["image"].shape == hw + (3,) and out["image"].dtype == tf.float32
+  assert out["masks"].dtype == tf.uint8 and out["label"].dtype == tf.int32
+  np.testing.assert_array_equal(out["image_size"], hw)
+  # Nearest invents no class, no weight and no mask value.
+  assert set(np.unique(out["label"])) <= {0, *CLASSES}
+  assert set(np.unique(out["masks"])) <= {0, 1}
+  # Nearest samples the pixel within half a pixel of the scaled one, so a
+  # mask's bounding box lies within half a pixel of its scaled box.
+  _assert_consistent(out, box_atol=0.5 + 1e-4)
+  box = np.array([4, 2, 20, 15]) * np.tile([hw[1] / W, hw[0] / H], 2)
+  np.testing.assert_allclose(out["boxes"][0], box, rtol=1e-6)
+
+
+def test_flip_crop_and_pad_keep_boxes_exactly_on_masks():
+  ex = _instance_example()
+  flipped = ops.flip_left_right(ex)
+  _assert_consistent(flipped)
+  np.testing.assert_array_equal(flipped["boxes"][0], [W - 20, 2, W - 4, 15])
+  np.testing.assert_array_equal(flipped["image"], ex["image"].numpy()[:, ::-1])
+  # The crop cuts the second and third boxes; a window beside the first
+  # leaves it empty with a zero-area box.
+  cropped = ops.crop(flipped, tf.constant([6, 9]), tf.constant([25, 30]))
+  assert cropped["image"].shape == (25, 30, 3) and cropped["masks"].shape == (3, 25, 30)
+  np.testing.assert_array_equal(cropped["image_size"], [25, 30])
+  _assert_consistent(cropped)
+  np.testing.assert_array_equal(cropped["boxes"][1], [0, 4, 14, 25])
+  padded = ops.pad(cropped, (32, 40))
+  np.testing.assert_array_equal(padded["image_size"], [25, 30])
+  _assert_consistent(padded)
+  label, masks = padded["label"].numpy(), padded["masks"].numpy()
+  assert (label[25:] == 255).all() and (label[:, 30:] == 255).all()
+  assert not masks[:, 25:].any() and not masks[:, :, 30:].any()
+  assert not padded["image"].numpy()[25:].any()
+  assert not padded["weight"].numpy()[25:].any()  # padding weighs nothing
+  sized = ops.with_size(padded, 32, 40)
+  assert sized["masks"].shape == (3, 32, 40) and sized["weight"].shape == (32, 40)
+
+
+def test_flip_keeps_invalid_rows():
+  ex = {**_instance_example(), "valid": tf.constant([True, False, True])}
+  out = ops.flip_left_right(ex)
+  np.testing.assert_array_equal(out["boxes"][1], ex["boxes"][1])
+  np.testing.assert_array_equal(out["boxes"][2], [W - 41, 5, W - 25, 30])
+
+
+def test_random_flip_draws_once_for_every_key():
+  outcomes = set()
+  for i in range(12):
+    out = ops.random_flip(_instance_example(), _seed(i))
+    _assert_consistent(out)
+    outcomes.add(bool(out["masks"].numpy()[0, 2, W - 5]))
+  assert outcomes == {False, True}
+
+
+def test_semantic_recipe_moves_instance_keys_too():
+  """train_transform is built from the key-generic ops, so instance masks
+  and boxes riding along an example follow its scale, crop and flip."""
+  for i in range(6):
+    ex = {k: v for k, v in _instance_example().items() if k != "weight"}
+    out = T.train_transform(ex, _seed(i), (24, 32), (0.7, 1.6))
+    assert out["masks"].shape == (3, 24, 32)
+    _assert_consistent(out, box_atol=0.5 + 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_numpy_normalize_equals_the_pipeline_op_bit_for_bit(dtype):
+  image = np.random.default_rng(5).uniform(0, 255, (9, 7, 3)).astype(dtype)
+  for mean, std in [(T.IMAGENET_MEAN, T.IMAGENET_STD), ((127.5,) * 3, (64,) * 3)]:
+    op = ops.normalize({"image": tf.constant(image)}, mean, std)["image"].numpy()
+    twin = normalization.normalize(image, mean, std)
+    assert op.dtype == twin.dtype == np.float32
+    assert op.tobytes() == twin.tobytes()
+  for bad in [dict(mean=(1, 2)), dict(std=(1, 0, 1))]:
+    with pytest.raises(errors.ConfigError):
+      normalization.normalize(image, **{"mean": T.IMAGENET_MEAN,
+                                        "std": T.IMAGENET_STD, **bad})
