@@ -44,7 +44,6 @@ from PIL import Image, UnidentifiedImageError
 
 from segjax import metrics
 # Image files are normalised as the pipelines normalise (predict.py).
-from segjax.data.normalization import normalize  # noqa: F401
 from segjax.errors import ConfigError, DataError
 from segjax.ops import region_resize
 

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from segjax import detections, inference, viz
-from segjax.data import ground_truth, instances
+from segjax.data import ground_truth, instances, normalization
 
 
 def _stem(output_dir: str, path: str) -> str:
@@ -36,8 +36,8 @@ def semantic_files(model, variables, config, paths: Sequence[str],
   written = []
   for path in paths:
     image = inference.read_image(path)
-    labels, _ = segmenter(variables, inference.normalize(image, config.augment.mean,
-                                                         config.augment.std))
+    labels, _ = segmenter(variables, normalization.normalize(
+        image, config.augment.mean, config.augment.std))
     labels = labels.astype(np.uint8)
     stem = _stem(output_dir, path)
     outputs = {f"{stem}_mask.png": viz.colorize(labels, colours),

@@ -14,7 +14,7 @@ from folder_data import write_folder
 from segjax import cli, metrics
 from segjax.data.builders import folder
 from segjax.errors import DataError
-from segjax.inference import normalize
+from segjax.data.normalization import normalize
 from segjax.train import loop
 
 CONFIG = os.path.join(REPO, "configs", "unet_shapes.py:tiny")
