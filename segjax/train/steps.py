@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from segjax import metrics
+from segjax import losses, metrics
 from segjax.models.detection import mask_rcnn
 from segjax.ops import resize
 
@@ -31,7 +31,8 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, schedule,
       (255 = ignore) and optionally "weight" [B,H,W] float32 pixel weights.
     rng: PRNG key shared by all steps; folded with the step for dropout.
     model, tx, loss_fn, schedule: static pieces (bound with functools.partial).
-      `loss_fn(outputs, batch)` returns the mean loss over valid pixels.
+      `loss_fn(outputs, batch)` returns the loss of the batch.
+    ignore_index: unused (the loss has its own); kept for callers.
     axis_name: pmap axis name, or None under jit.
 
   Returns:
@@ -42,22 +43,17 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, schedule,
   if axis_name:  # Different dropout masks on each device, as under jit.
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
-  # Under pmap each device sees part of the batch. Weighting its mean loss by
-  # its share of valid pixels makes the psum of gradients equal the gradient
-  # of the global mean, exactly what jit computes over the whole batch.
-  valid = jnp.sum((batch["label"] != ignore_index).astype(jnp.float32))
-  share = valid / jnp.maximum(_psum(valid, axis_name), 1.0) if axis_name else 1.0
-
   def objective(params):
     outputs, new_vars = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"],
         train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    loss = loss_fn(outputs, batch)
-    return loss * share, (loss, new_vars.get("batch_stats", {}))
+    # Under pmap, this device's part of the global loss: the psum of the
+    # devices' gradients is the gradient jit computes, for every loss.
+    part, loss = losses.device_objective(loss_fn, outputs, batch, axis_name)
+    return part, (loss, new_vars.get("batch_stats", {}))
 
   grads, (loss, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
   grads = _psum(grads, axis_name)
-  loss = _psum(loss * share, axis_name)
   return apply_gradients(state, grads, loss, batch_stats, tx=tx, schedule=schedule)
 
 
