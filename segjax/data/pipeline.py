@@ -26,6 +26,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from segjax.data import transforms, weight_map
+from segjax.config import option
 from segjax.data.builders import load_builder
 from segjax.errors import ConfigError, DataError
 
@@ -51,7 +52,7 @@ def semantic_example(example):
 def _builder(config):
   """The config's prepared dataset; `data.skip_bad_examples` applies while it
   is first prepared from a manual download or a folder."""
-  skip = bool(config.data.get("skip_bad_examples", False))
+  skip = bool(option(config.data, "data", "skip_bad_examples"))
   return load_builder(config.dataset, config.data_dir,
                       **({"skip_bad_examples": True} if skip else {}))
 
@@ -82,7 +83,7 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
   crop = tuple(config.image_size)
   aug = config.augment
   weighted = config.loss.name == "unet_weighted"
-  loss_kwargs = dict(config.loss.get("kwargs", {}))
+  loss_kwargs = dict(config.loss.kwargs)
 
   def augment(example_seed, example):
     out = transforms.train_transform(
@@ -111,7 +112,7 @@ def training_stream(config, decode, augment, start_step=0, process_index=None,
       is (seed, shard, index in the shard's sequence).
   """
   index, count = _process(process_index, process_count)
-  num_shards = config.data.get("num_shards", 0) or count
+  num_shards = option(config.data, "data", "num_shards") or count
   batch = config.train.batch_size
   if num_shards % count or batch % num_shards:
     raise ConfigError(
@@ -127,7 +128,7 @@ def training_stream(config, decode, augment, start_step=0, process_index=None,
              for s in host_shards]
   ds = tf.data.Dataset.zip(tuple(streams)).map(
       lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
-  return ds.prefetch(config.data.get("prefetch", 2))
+  return ds.prefetch(option(config.data, "data", "prefetch"))
 
 
 def _shard_stream(config, builder, split, shard, per_shard, start_step, decode,
@@ -139,9 +140,9 @@ def _shard_stream(config, builder, split, shard, per_shard, start_step, decode,
   base = builder.as_dataset(split=split, shuffle_files=False,
                             read_config=tfds.ReadConfig(try_autocache=False))
   base = base.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-  if n <= config.data.get("cache_below", 4096):
+  if n <= option(config.data, "data", "cache_below"):
     base = base.cache()  # Small splits: decode once, not every epoch.
-  buffer = min(n, config.data.get("shuffle_buffer", 2048))
+  buffer = min(n, option(config.data, "data", "shuffle_buffer"))
   seed = config.seed
 
   def epoch(e):
