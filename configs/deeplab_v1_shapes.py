@@ -18,5 +18,5 @@ from segjax.config import apply_mode, base_config
 def get_config(mode=""):
   c = base_config("segjax_shapes")
   c.model = "deeplab_v1"
-  c.model_kwargs = ml_collections.ConfigDict(dict(widths=(16, 32, 64, 128, 128), fc_width=256, crf=False, mean=(127.5, 127.5, 127.5), std=(64.0, 64.0, 64.0)))
+  c.model_kwargs = ml_collections.ConfigDict(dict(widths=(16, 32, 64, 128, 128), fc_width=256, crf=False))
   return apply_mode(c, mode)

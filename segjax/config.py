@@ -163,10 +163,10 @@ def validate(config):
   _check(config.optimizer.schedule in ("constant", "poly", "cosine", "step"),
          f"optimizer.schedule is {config.optimizer.schedule!r}; use 'constant', "
          "'poly', 'cosine' or 'step'")
-  policy = config.train.get("nan_policy", "stop")
+  policy = option(config.train, "train", "nan_policy")
   _check(policy in ("stop", "skip"),
          f"train.nan_policy is {policy!r}; use 'stop' or 'skip'")
-  _check(config.train.get("max_nonfinite_steps", 0) >= 0,
+  _check(option(config.train, "train", "max_nonfinite_steps") >= 0,
          "train.max_nonfinite_steps must be >= 0")
   for key in ("eval.every_steps", "checkpoint.every_steps", "train.log_every_steps"):
     parent, name = _parent(config, key)
@@ -245,6 +245,40 @@ _DATASETS = {
 }
 
 
+# The options every family shares, with their defaults: base_config declares
+# them, and code that also takes a hand-built section (make_optimizer, the
+# input pipeline) falls back on these through `option`, never on a default of
+# its own.
+DEFAULTS = {
+    "data": dict(
+        # Shards the training split is read in (0: one per process). A fixed
+        # number makes the batch sequence the same on any number of hosts.
+        num_shards=0, shuffle_buffer=2048, prefetch=2,
+        # Training splits of at most this many examples are decoded once and
+        # cached in memory.
+        cache_below=4096,
+        # Preparing a downloaded or folder dataset: leave out (and count)
+        # corrupt or inconsistent examples instead of stopping at the first.
+        skip_bad_examples=False),
+    "train": dict(nan_policy="stop", max_nonfinite_steps=10),
+    "optimizer": dict(
+        momentum=0.9, grad_clip_norm=1.0, end_factor=0.01, poly_power=0.9,
+        lr_mult={},  # {top-level module: learning-rate factor}, e.g. a head's 10x
+        milestones=(), decay_factor=0.1),  # schedule="step"
+    # `segjax eval` / `segjax predict` inference (segjax/inference.py):
+    # "whole" or "slide" (crop_size, stride), at `scales` with optional
+    # flips, on canvases rounded up to a multiple of `bucket` pixels.
+    "eval": dict(mode="whole", crop_size=None, stride=None, scales=(1.0,), flip=False,
+                 bucket=32),
+}
+
+
+def option(section, name: str, key: str):
+  """`section[key]` of the config block `name` ("data", "optimizer", ...), or
+  its default in DEFAULTS where a hand-built block leaves it out."""
+  return section.get(key, DEFAULTS[name][key])
+
+
 def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
   """Every core key, set for a dataset family: "segjax_shapes", "voc",
   "ade20k", "cityscapes" or "coco".
@@ -265,20 +299,10 @@ def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
   c.num_classes = d["num_classes"]
   c.image_size = d["image_size"]  # Training crop (H, W).
   c.augment = ml_collections.ConfigDict(dict(flip=True, photometric=True, **d["augment"]))
-  c.data = ml_collections.ConfigDict(dict(
-      # Shards the training split is read in (0: one per process). A fixed
-      # number makes the batch sequence the same on any number of hosts.
-      num_shards=0, shuffle_buffer=2048, prefetch=2,
-      # Preparing a downloaded or folder dataset: leave out (and count)
-      # corrupt or inconsistent examples instead of stopping at the first.
-      skip_bad_examples=False))
+  c.data = ml_collections.ConfigDict(dict(DEFAULTS["data"]))
   c.loss = ml_collections.ConfigDict(dict(name="cross_entropy", kwargs={}))
-  c.train = ml_collections.ConfigDict(dict(nan_policy="stop", max_nonfinite_steps=10,
-                                           **d["train"]))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      momentum=0.9, grad_clip_norm=1.0, end_factor=0.01, poly_power=0.9,
-      lr_mult={},  # {top-level module: learning-rate factor}, e.g. a head's 10x
-      **d["optimizer"]))
+  c.train = ml_collections.ConfigDict({**DEFAULTS["train"], **d["train"]})
+  c.optimizer = ml_collections.ConfigDict({**DEFAULTS["optimizer"], **d["optimizer"]})
   c.eval = ml_collections.ConfigDict(dict(
       split="validation",
       # Evaluation (in training and `segjax eval`) and `segjax predict`
@@ -286,7 +310,7 @@ def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
       # `scales` with optional flips, each image on a canvas rounded up to a
       # multiple of `bucket` pixels; batch_size images per call over all
       # devices (segjax/evaluation.py).
-      mode="whole", crop_size=None, stride=None, scales=(1.0,), flip=False, bucket=32,
+      **DEFAULTS["eval"],
       **d["eval"]))  # resize_to: run the model at this size (None: image size).
   c.checkpoint = ml_collections.ConfigDict(dict(keep=3, **d["checkpoint"]))
   c.parallel = ml_collections.ConfigDict(dict(mode="jit"))

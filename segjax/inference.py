@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from segjax import metrics
-# Image files are normalised as the pipelines normalise (predict.py).
+from segjax.config import option
 from segjax.errors import ConfigError, DataError
 from segjax.ops import region_resize
 
@@ -86,11 +86,11 @@ class InferenceOptions:
     def pair(key):
       value = eval_config.get(key)
       return tuple(int(v) for v in value) if value else None
-    return cls(mode=eval_config.get("mode", "whole"), resize_to=pair("resize_to"),
+    get = lambda key: option(eval_config, "eval", key)  # config.DEFAULTS
+    return cls(mode=get("mode"), resize_to=pair("resize_to"),
                crop_size=pair("crop_size"), stride=pair("stride"),
-               scales=tuple(float(s) for s in eval_config.get("scales", (1.0,))),
-               flip=bool(eval_config.get("flip", False)),
-               bucket=int(eval_config.get("bucket", 32)))
+               scales=tuple(float(s) for s in get("scales")),
+               flip=bool(get("flip")), bucket=int(get("bucket")))
 
 
 class Segmenter:

@@ -41,6 +41,39 @@ def _broadcast_pixel_weights(weights: Array, shape: Sequence[int]) -> jax.Array:
   return jnp.broadcast_to(weights, shape)
 
 
+def _mean_weights(labels: jax.Array, num_classes: int, ignore_index: int,
+                  class_weights: Optional[Array] = None,
+                  pixel_weights: Optional[Array] = None):
+  """The weights w_i of a weighted mean over pixels, sum_i w_i l_i / sum_i w_i.
+
+  Args:
+    labels: [N, H, W] int32.
+    num_classes: K; labels outside [0, K) are not counted.
+    ignore_index: label value that is not counted.
+    class_weights: optional [K] float, weight of each ground-truth class.
+    pixel_weights: optional [N] or [N, H, W] float.
+
+  Returns:
+    weights [N, H, W] float32 (0 where not counted) and safe_labels
+    [N, H, W] int32, the labels with the uncounted ones read as class 0.
+  """
+  counted = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+  # Ignored pixels read class 0, then get weight 0: the gather stays in range
+  # and their (finite) loss contributes nothing, not even to the gradient.
+  safe_labels = jnp.where(counted, labels, 0)
+  weights = counted.astype(jnp.float32)
+  if class_weights is not None:
+    class_weights = jnp.asarray(class_weights, jnp.float32)
+    if class_weights.shape != (num_classes,):
+      raise ConfigError(
+          f"class_weights has shape {class_weights.shape} but the model has "
+          f"{num_classes} classes; give one weight per class.")
+    weights = weights * class_weights[safe_labels]
+  if pixel_weights is not None:
+    weights = weights * _broadcast_pixel_weights(pixel_weights, labels.shape)
+  return weights, safe_labels
+
+
 def cross_entropy(logits: Array,
                   labels: Array,
                   ignore_index: int = 255,
@@ -74,22 +107,10 @@ def cross_entropy(logits: Array,
   if labels.shape != logits.shape[:-1]:
     raise ValueError(f"labels {labels.shape} must match logits "
                      f"{logits.shape} without the class axis")
-  counted = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-  # Ignored pixels read class 0, then get weight 0: the gather stays in range
-  # and their (finite) loss contributes nothing, not even to the gradient.
-  safe_labels = jnp.where(counted, labels, 0)
+  weights, safe_labels = _mean_weights(labels, num_classes, ignore_index,
+                                       class_weights, pixel_weights)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
-  weights = counted.astype(jnp.float32)
-  if class_weights is not None:
-    class_weights = jnp.asarray(class_weights, jnp.float32)
-    if class_weights.shape != (num_classes,):
-      raise ConfigError(
-          f"class_weights has shape {class_weights.shape} but the model has "
-          f"{num_classes} classes; give one weight per class.")
-    weights = weights * class_weights[safe_labels]
-  if pixel_weights is not None:
-    weights = weights * _broadcast_pixel_weights(pixel_weights, labels.shape)
   total = jnp.sum(weights)
   # Dividing by 1 where the total is 0 keeps both value and gradient at 0.
   return jnp.sum(weights * nll) / jnp.where(total > 0, total, 1.0)
@@ -183,8 +204,8 @@ def focal_loss(logits: Array,
                      f"{logits.shape} without the class axis")
   if gamma < 0:
     raise ConfigError(f"focal loss gamma={gamma} must be >= 0.")
-  counted = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-  safe_labels = jnp.where(counted, labels, 0)
+  weights, safe_labels = _mean_weights(labels, num_classes, ignore_index,
+                                       pixel_weights=pixel_weights)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   log_pt = jnp.take_along_axis(log_probs, safe_labels[..., None],
                                axis=-1)[..., 0]
@@ -208,9 +229,6 @@ def focal_loss(logits: Array,
             f"{num_classes} classes; give one alpha per class or a scalar.")
       alpha = alpha[safe_labels]
     fl = alpha * fl
-  weights = counted.astype(jnp.float32)
-  if pixel_weights is not None:
-    weights = weights * _broadcast_pixel_weights(pixel_weights, labels.shape)
   total = jnp.sum(weights)
   return jnp.sum(weights * fl) / jnp.where(total > 0, total, 1.0)
 
@@ -346,6 +364,38 @@ LOSSES = {
     "cgm": _cgm_loss,
 }
 
+
+
+# The losses that are a weighted mean over pixels (or examples), sum_i w_i l_i
+# / sum_i w_i, with weights that depend on the batch only, never on the model:
+# name -> total(outputs, batch, **options) -> sum_i w_i, float32 scalar.
+# Under pmap such a loss splits exactly: device d's mean scaled by its share
+# of the total is sum_{i on d} w_i l_i / sum_i w_i, and these sum to the
+# global mean (see `device_objective`).
+def _ce_total(outputs, batch, ignore_index=255, class_weights=None, **unused):
+  logits = _logits_of(outputs)
+  weights, _ = _mean_weights(jnp.asarray(batch["label"]).astype(jnp.int32),
+                             logits.shape[-1], ignore_index, class_weights,
+                             batch.get("weight"))
+  return jnp.sum(weights)
+
+
+def _focal_total(outputs, batch, ignore_index=255, **unused):
+  # alpha is in the numerator only (see focal_loss).
+  return _ce_total(outputs, batch, ignore_index)
+
+
+def _cgm_total(outputs, batch, **unused):
+  return jnp.float32(batch["label"].shape[0])  # a mean over the images
+
+
+PIXEL_MEAN_TOTALS = {
+    "cross_entropy": _ce_total,
+    "unet_weighted": _ce_total,
+    "focal": _focal_total,
+    "cgm": _cgm_total,
+}
+
 # Options that are per-class arrays: converted once from a config tuple.
 _ARRAY_OPTIONS = ("class_weights", "alpha")
 
@@ -358,16 +408,34 @@ def available() -> list:
 def _with_aux(loss_fn, aux_weight: float, name: str):
   """loss(outputs) + aux_weight * mean of loss(aux) over outputs["aux"]."""
 
-  def loss(outputs, batch):
+  def parts(outputs):
     aux = outputs.get("aux") if isinstance(outputs, Mapping) else None
     if not aux:
       raise ConfigError(
           f"loss {name!r} has aux_weight={aux_weight} but the model returned "
           "no auxiliary logits (outputs['aux']); enable the model's deep "
           "supervision / aux head, or set aux_weight=0.")
-    aux_loss = sum(loss_fn(logits, batch) for logits in aux) / len(aux)
-    return loss_fn(outputs, batch) + aux_weight * aux_loss
+    return [(1.0, loss_fn, outputs)] + [
+        (aux_weight / len(aux), loss_fn, logits) for logits in aux]
 
+  return _weighted_sum(parts, [loss_fn])
+
+
+def _weighted_sum(parts, terms):
+  """loss(outputs, batch) = sum_j w_j * fn_j(outputs_j, batch).
+
+  Args:
+    parts: outputs -> [(w_j, fn_j, outputs_j)], each fn_j one of `terms`
+      applied to (part of) the outputs.
+    terms: the loss functions `parts` uses; `device_objective` splits the sum
+      into its terms when each of them splits.
+  """
+
+  def loss(outputs, batch):
+    return sum(w * fn(o, batch) for w, fn, o in parts(outputs))
+
+  loss.parts = parts
+  loss.terms = tuple(terms)
   return loss
 
 
@@ -396,10 +464,8 @@ def _build_sum(terms=()):
     name, weight, kwargs = _sum_term(term)
     built.append((float(weight), get_loss(name, **dict(kwargs))))
 
-  def loss(outputs, batch):
-    return sum(weight * fn(outputs, batch) for weight, fn in built)
-
-  return loss
+  return _weighted_sum(lambda outputs: [(w, fn, outputs) for w, fn in built],
+                       [fn for _, fn in built])
 
 
 # name -> builder(**kwargs) -> loss_fn: losses made of registered losses.
@@ -446,6 +512,8 @@ def get_loss(name: str, **kwargs) -> Callable[[Any, Mapping[str, Array]],
       kwargs[key] = np.asarray(kwargs[key], np.float32)
   loss_fn = fn(**kwargs) if name in COMBINATORS else functools.partial(
       fn, **kwargs)
+  if name in PIXEL_MEAN_TOTALS:
+    loss_fn.pixel_total = functools.partial(PIXEL_MEAN_TOTALS[name], **kwargs)
   return _with_aux(loss_fn, float(aux_weight), name) if aux_weight else loss_fn
 
 
@@ -475,3 +543,91 @@ def make_loss(
                       f"{', '.join(available())}).")
   kwargs = config.get("kwargs") or {}
   return get_loss(name, **dict(kwargs))
+
+
+# ----------------------------------------------------------------------------
+# Data parallelism: every loss gives jit's gradient under pmap.
+
+
+def device_objective(loss_fn, outputs, batch, axis_name=None):
+  """This device's part of the global loss, for a step under `jax.pmap`.
+
+  Under jit the loss sees the global batch. Under pmap each device holds
+  a slice of it, and the step sums (psum) the devices' gradients; this
+  returns, for each device, an objective whose gradients sum to the gradient
+  of the loss of the whole batch, so pmap trains exactly as jit does:
+
+  - A weighted mean over pixels (PIXEL_MEAN_TOTALS; a "sum" or aux_weight
+    made only of those): the device's mean times its share of the global
+    weight total, per term. Only scalars cross devices.
+  - Any other loss (OHEM's global selection, the region losses' class sums
+    over the batch, Lovász's global sort, ...): the outputs and the batch's
+    labels and weights are all-gathered, every device computes the global
+    loss and its gradient w.r.t. the gathered outputs, and the objective is
+    <that gradient's slice for this device, the device's outputs>. Its
+    gradient is the device's share of the chain rule, whatever the loss, and
+    nothing is differentiated through a collective. The cost is one copy of
+    the global outputs on each device, as jit's loss has.
+
+  Args:
+    loss_fn: `loss_fn(outputs, batch) -> scalar` of the global batch, e.g.
+      from `make_loss`.
+    outputs: the model's outputs on this device's slice (leading axis the
+      slice's examples).
+    batch: this device's slice: "label" [b, H, W] and optionally "weight"
+      ([b] or [b, H, W]); "image" is not gathered.
+    axis_name: the pmap axis, or None under jit.
+
+  Returns:
+    (objective, loss): float32 scalars; `loss` is the global loss, the same
+    on every device.
+  """
+  if axis_name is None:
+    loss = loss_fn(outputs, batch)
+    return loss, loss
+  if _splits(loss_fn):
+    objective = _split_objective(loss_fn, outputs, batch, axis_name)
+    return objective, jax.lax.psum(objective, axis_name)
+  return _gathered_objective(loss_fn, outputs, batch, axis_name)
+
+
+def _splits(loss_fn) -> bool:
+  """Whether loss_fn is a weighted mean, or a weighted sum of such means."""
+  if hasattr(loss_fn, "pixel_total"):
+    return True
+  terms = getattr(loss_fn, "terms", None)
+  return terms is not None and all(_splits(t) for t in terms)
+
+
+def _split_objective(loss_fn, outputs, batch, axis_name):
+  if hasattr(loss_fn, "pixel_total"):
+    total = loss_fn.pixel_total(outputs, batch)
+    global_total = jax.lax.psum(total, axis_name)
+    # The loss is 0 where its total is, so a zero global total gives 0.
+    share = total / jnp.where(global_total > 0, global_total, 1.0)
+    return loss_fn(outputs, batch) * jax.lax.stop_gradient(share)
+  return sum(w * _split_objective(fn, o, batch, axis_name)
+             for w, fn, o in loss_fn.parts(outputs))
+
+
+def _gathered_objective(loss_fn, outputs, batch, axis_name):
+  gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
+  leaves, treedef = jax.tree_util.tree_flatten(outputs)
+  floating = [jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves]
+  full = [gather(jax.lax.stop_gradient(x)) for x in leaves]
+  targets = {k: gather(v) for k, v in batch.items() if k != "image"}
+
+  def global_loss(float_leaves):
+    it = iter(float_leaves)
+    rebuilt = [next(it) if f else x for x, f in zip(full, floating)]
+    return loss_fn(jax.tree_util.tree_unflatten(treedef, rebuilt), targets)
+
+  loss, cotangents = jax.value_and_grad(global_loss)(
+      [x for x, f in zip(full, floating) if f])
+  index = jax.lax.axis_index(axis_name)
+  objective = 0.0
+  for x, cot in zip([x for x, f in zip(leaves, floating) if f], cotangents):
+    mine = jax.lax.dynamic_slice_in_dim(cot, index * x.shape[0], x.shape[0])
+    objective = objective + jnp.vdot(mine.astype(jnp.float32),
+                                     x.astype(jnp.float32))
+  return objective, loss

@@ -11,9 +11,9 @@ float32 scalar, and 0 with zero gradient when no pixel is counted.
 They are registered in `segjax.losses.LOSSES`; the trainer selects them with
 `--config.loss.name=dice` etc.
 
-Under `parallel.mode="pmap"` each device computes these on its own shard of
-the batch, so Dice/IoU/Lovász "over the batch" become "over the device's
-shard": the usual behaviour of region losses in data-parallel training.
+Under `parallel.mode="pmap"` they are still computed over the whole batch,
+as under jit: the train step goes through `segjax.losses.device_objective`,
+which gathers the outputs for losses that are not a mean over pixels.
 """
 from typing import Any, Optional, Sequence, Tuple, Union
 

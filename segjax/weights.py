@@ -4,7 +4,7 @@
     segjax train --config configs/deeplab_v3_voc.py --workdir run --config.init_from=init/
 
 `load_state_dict` reads a PyTorch state dict from a .pth/.pt/.bin file (needs
-torch), a .safetensors file (needs the safetensors package, not torch) or a
+torch), a .safetensors file (safetensors, a dependency; not torch) or a
 .npz file (numpy alone; e.g. written once with
 `np.savez(path, **{k: v.numpy() for k, v in sd.items()})`).
 `init_checkpoint` converts it for a registry model: a whole-model checkpoint

@@ -40,7 +40,7 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
   crop = tuple(config.image_size)
   aug = config.augment
   weighted = config.loss.name == "unet_weighted"
-  loss_kwargs = dict(config.loss.get("kwargs", {}))
+  loss_kwargs = dict(config.loss.kwargs)
 
   def augment(example_seed, example):
     out = transforms.train_transform(

@@ -31,6 +31,7 @@ import math
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from segjax.config import option
 from segjax.data.builders import load_builder
 from segjax.errors import ConfigError, DataError
 
@@ -48,7 +49,7 @@ def process(process_index=None, process_count=None) -> tuple[int, int]:
 def builder(config):
   """The config's prepared dataset; `data.skip_bad_examples` applies while it
   is first prepared from a manual download or a folder."""
-  skip = bool(config.data.get("skip_bad_examples", False))
+  skip = bool(option(config.data, "data", "skip_bad_examples"))
   return load_builder(config.dataset, config.data_dir,
                       **({"skip_bad_examples": True} if skip else {}))
 
@@ -75,7 +76,7 @@ def training_stream(config, decode, augment, start_step=0, process_index=None,
       is (seed, shard, index in the shard's sequence).
   """
   index, count = process(process_index, process_count)
-  num_shards = config.data.get("num_shards", 0) or count
+  num_shards = option(config.data, "data", "num_shards") or count
   batch = config.train.batch_size
   if num_shards % count or batch % num_shards:
     raise ConfigError(
@@ -91,7 +92,7 @@ def training_stream(config, decode, augment, start_step=0, process_index=None,
             for s in host_shards]
   ds = tf.data.Dataset.zip(tuple(shards)).map(
       lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
-  return ds.prefetch(config.data.get("prefetch", 2))
+  return ds.prefetch(option(config.data, "data", "prefetch"))
 
 
 def _shard_stream(config, dataset_builder, split, shard, per_shard, start_step,
@@ -103,9 +104,9 @@ def _shard_stream(config, dataset_builder, split, shard, per_shard, start_step,
   base = dataset_builder.as_dataset(split=split, shuffle_files=False,
                             read_config=tfds.ReadConfig(try_autocache=False))
   base = base.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-  if n <= config.data.get("cache_below", 4096):
+  if n <= option(config.data, "data", "cache_below"):
     base = base.cache()  # Small splits: decode once, not every epoch.
-  buffer = min(n, config.data.get("shuffle_buffer", 2048))
+  buffer = min(n, option(config.data, "data", "shuffle_buffer"))
   seed = config.seed
 
   def epoch(e):

@@ -59,3 +59,27 @@ def refine_with_crf(logits: Array, images: Array, crf_image: Optional[Array],
   # Normalisation round trips can leave values just outside 0..255.
   probs = dense_crf(logits, jnp.clip(crf_image.astype(jnp.float32), 0, 255), **crf_kwargs)
   return {"logits": jnp.log(jnp.maximum(probs, 1e-30)), "unary_logits": logits}
+
+
+def normalisation_options(model: str, config) -> Dict[str, Any]:
+  """The `mean`/`std` options of a model that rebuilds the CRF's image from
+  its normalised input, taken from the config's `augment.mean/std`: the one
+  normalisation the input pipeline applied. {} for other models.
+
+  Raises:
+    ConfigError: model_kwargs gives a mean or std that differs from augment's.
+  """
+  from segjax import models  # pylint: disable=import-outside-toplevel (a cycle)
+  options = models._options(models.MODELS[model]) if model in models.MODELS else None
+  if not options or "mean" not in options or "std" not in options:
+    return {}
+  wanted = {"mean": tuple(float(v) for v in config.augment.mean),
+            "std": tuple(float(v) for v in config.augment.std)}
+  for key, value in wanted.items():
+    given = config.model_kwargs.get(key)
+    if given is not None and tuple(float(v) for v in given) != value:
+      raise ConfigError(
+          f"model_kwargs.{key}={tuple(given)} differs from augment.{key}={value}, "
+          f"the normalisation the input pipeline applies; {model}'s CRF "
+          f"de-normalises its input with augment.{key}: leave model_kwargs.{key} out.")
+  return wanted

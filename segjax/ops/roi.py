@@ -14,19 +14,24 @@ only in how they read the features:
             FLOPs, but only matmuls (the MXU path on TPU).
 
 Adaptive sampling (sampling_ratio <= 0) uses ceil(roi_size / output_size)
-samples per bin, which depends on the box. Shapes must be static under jit,
-so the grid is allocated for at most `max_sampling_ratio` samples per bin
-and axis and masked per box. A box that needs more is sampled with
-`max_sampling_ratio` evenly spaced points per bin on that axis instead (the
-torchvision result for that sampling ratio on that axis): a close
-approximation, not the exact torchvision value. Cost grows with
-max_sampling_ratio**2; sampling_ratio > 0 needs no bound.
+samples per bin, which depends on the box, and is exact for any box under
+jit. Shapes must be static, so there are two static grids, chosen per call
+with `lax.cond`: while every box needs at most `max_sampling_ratio` samples
+per bin and axis, the grid of that many (masked per box) is read as above;
+otherwise each bin's samples are summed into dense per-axis weight matrices
+[K, bins, H] and [K, bins, W] (a scatter-add) that are contracted with the
+features. Only the samples inside [-1, H] count, and their spacing
+bin_size / ceil(bin_size) is over 1/2, so a window of 2H + 5 consecutive
+samples starting at the box's first one in range holds them all whatever
+the box size. `max_sampling_ratio` thus sets the cost of the fast grid
+(growing with its square), not the result.
 
 Boxes are differentiable: the sample positions, hence the bilinear weights,
 are smooth in the box coordinates (the number of samples is not).
 
 All feature maps are NHWC; boxes are (x1, y1, x2, y2) in input-image pixels.
 """
+import functools
 import math
 from typing import Sequence
 
@@ -53,16 +58,20 @@ def _div(a, b):
   return a / jax.lax.optimization_barrier(jnp.full(a.shape, b, a.dtype))
 
 
-def _axis_samples(start, length, bins, grid, grid_max, size, size_max):
+def _axis_samples(start, length, bins, grid, grid_max, size, size_max, window=False):
   """Per-axis sample rows and weights of every bin.
 
   Args:
     start, length: [K] float, the ROI's start and extent on the feature map.
     bins: number of output bins along the axis.
-    grid: [K] int, samples per bin along the axis (<= grid_max; <= 0: none).
-    grid_max: static bound on grid.
+    grid: [K] int, samples per bin along the axis (<= 0: none); at most
+      grid_max unless `window`.
+    grid_max: static number of samples per bin held.
     size: [K] int, feature map extent along the axis (per box, for FPN).
     size_max: static int >= every size.
+    window: hold, of each bin's `grid` samples, the grid_max consecutive ones
+      from just before the first inside [-1, size] (grid_max = 2 size_max + 5
+      holds all of those; see the module docstring).
 
   Returns:
     idx: [K, bins, grid_max, 2] int32, the low and high rows read.
@@ -74,6 +83,11 @@ def _axis_samples(start, length, bins, grid, grid_max, size, size_max):
   p = jnp.arange(bins, dtype=dtype)[None, :, None]
   i = jnp.arange(grid_max, dtype=dtype)[None, None, :]
   g = jax.lax.optimization_barrier(jnp.maximum(grid, 1).astype(dtype))[:, None, None]
+  if window:
+    # The first sample at or past -1 is ceil((-1 - bin start) / spacing -
+    # 0.5); one earlier absorbs the rounding. Indices carry no gradient.
+    lead = jax.lax.stop_gradient((-1.0 - start[:, None, None] - p * bin_size) * g / bin_size)
+    i = i + jnp.maximum(jnp.ceil(lead - 0.5) - 1.0, 0.0)
   # torchvision's expression order, so float32 rounding matches.
   pos = start[:, None, None] + p * bin_size + (i + 0.5) * bin_size / g
   size_f = size.astype(dtype)[:, None, None]
@@ -81,6 +95,16 @@ def _axis_samples(start, length, bins, grid, grid_max, size, size_max):
   # torchvision moves y <= 0 to 0 and reads row H-1 alone once y >= H-1:
   # both are a clip of the position.
   pos = jnp.clip(pos, 0.0, size_f - 1)
+  if window:
+    # The count below would hold grid_max * size_max values per bin. The
+    # barrier keeps XLA from rounding pos differently for the floor and the
+    # fraction; an ulp either way then only moves the value by an ulp.
+    pos = jax.lax.optimization_barrier(pos)
+    low = jnp.floor(pos).astype(jnp.int32)
+    high = jnp.minimum(low + 1, size[:, None, None].astype(jnp.int32) - 1)
+    frac = pos - low.astype(dtype)
+    wgt = jnp.where(valid[..., None], jnp.stack([1.0 - frac, frac], -1), 0.0)
+    return jnp.stack([low, high], -1), wgt
   # floor(pos) as a count of the integers 1..H-1 at or below pos. XLA would
   # otherwise recompute pos separately for the rows read and for the
   # weights, rounded differently (with and without FMA); near an integer
@@ -97,8 +121,14 @@ def _axis_samples(start, length, bins, grid, grid_max, size, size_max):
 
 
 def _box_geometry(boxes, spatial_scale, output_size, sampling_ratio, aligned,
-                  max_sampling_ratio, heights, widths, max_h, max_w):
-  """Sample rows/cols and weights for all boxes; count folded into y weights."""
+                  max_sampling_ratio, heights, widths, max_h, max_w, exact=False):
+  """Sample rows/cols and weights for all boxes; count folded into y weights.
+
+  Returns (yi, yw, xi, xw) as `_axis_samples` gives them, and `fits`: a bool
+  scalar, whether every box's adaptive grid is within max_sampling_ratio
+  (always True for a fixed sampling_ratio). With `exact` (adaptive only) the
+  grids are the windows that hold every sample in range, for any box.
+  """
   oh, ow = output_size
   boxes = boxes.astype(jnp.float32)
   offset = 0.5 if aligned else 0.0
@@ -110,18 +140,22 @@ def _box_geometry(boxes, spatial_scale, output_size, sampling_ratio, aligned,
     rw, rh = jnp.maximum(rw, 1.0), jnp.maximum(rh, 1.0)
   k = boxes.shape[0]
   if sampling_ratio > 0:
-    gmax = sampling_ratio
     gh = gw = jnp.full((k,), sampling_ratio, jnp.int32)
+    gmax_h = gmax_w = sampling_ratio
+    fits = jnp.bool_(True)
   else:
-    gmax = max_sampling_ratio
     # The sample count is a step function of the box: no gradient through it.
     gh = jnp.ceil(_div(jax.lax.stop_gradient(rh), oh)).astype(jnp.int32)
     gw = jnp.ceil(_div(jax.lax.stop_gradient(rw), ow)).astype(jnp.int32)
-    gh, gw = jnp.minimum(gh, gmax), jnp.minimum(gw, gmax)
-  count = jnp.maximum(gh * gw, 1).astype(jnp.float32)
-  yi, yw = _axis_samples(y1, rh, oh, gh, gmax, heights, max_h)
-  xi, xw = _axis_samples(x1, rw, ow, gw, gmax, widths, max_w)
-  return yi, yw / count[:, None, None, None], xi, xw
+    fits = jnp.all((gh <= max_sampling_ratio) & (gw <= max_sampling_ratio))
+    gmax_h, gmax_w = ((2 * max_h + 5, 2 * max_w + 5) if exact
+                      else (max_sampling_ratio, max_sampling_ratio))
+  # float: a huge box's gh * gw may pass the int32 range.
+  count = jnp.maximum(gh.astype(jnp.float32) * gw.astype(jnp.float32), 1.0)
+  window = exact and sampling_ratio <= 0
+  yi, yw = _axis_samples(y1, rh, oh, gh, gmax_h, heights, max_h, window)
+  xi, xw = _axis_samples(x1, rw, ow, gw, gmax_w, widths, max_w, window)
+  return yi, yw / count[:, None, None, None], xi, xw, fits
 
 
 def _gather_read(flat, base, width, yi, yw, xi, xw):
@@ -136,12 +170,27 @@ def _gather_read(flat, base, width, yi, yw, xi, xw):
                     xw.astype(flat.dtype), precision=_HIGHEST)
 
 
-def _einsum_read(features, bidx, yi, yw, xi, xw, precision):
-  """The same reads as dense one-hot matmuls over one [N, H, W, C] level."""
-  n, h, w, _ = features.shape
+def _one_hot_weights(idx, wgt, size, dtype):
+  """[K, bins, G, 2] rows and weights -> dense [K, bins, size] (matmuls only)."""
+  return jnp.einsum("kpgas,kpga->kps", jax.nn.one_hot(idx, size, dtype=dtype),
+                    wgt.astype(dtype))
+
+
+def _scatter_weights(idx, wgt, size, dtype):
+  """The same as `_one_hot_weights` by a scatter-add: for the long windows of
+  exact adaptive sampling, whose one-hots would hold G * size values a bin."""
+  k, p = idx.shape[:2]
+  flat = (jnp.arange(k * p, dtype=jnp.int32)[:, None] * size + idx.reshape(k * p, -1))
+  dense = jnp.zeros((k * p * size,), dtype).at[flat.reshape(-1)].add(
+      wgt.reshape(-1).astype(dtype))
+  return dense.reshape(k, p, size)
+
+
+def _einsum_read(features, bidx, ay, ax, precision):
+  """Reads [K, P, Q, C] over one [N, H, W, C] level with dense per-axis
+  weights ay [K, P, H] and ax [K, Q, W]."""
+  n = features.shape[0]
   dt = features.dtype
-  ay = jnp.einsum("kpgah,kpga->kph", jax.nn.one_hot(yi, h, dtype=dt), yw.astype(dt))
-  ax = jnp.einsum("kqgaw,kqga->kqw", jax.nn.one_hot(xi, w, dtype=dt), xw.astype(dt))
   # The box's image enters as one more one-hot factor, so features are never
   # gathered per box: [K*P, N*H] @ [N*H, W*C].
   ayn = ay[:, :, None, :] * jax.nn.one_hot(bidx, n, dtype=dt)[:, None, :, None]
@@ -191,11 +240,13 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
     output_size: (oh, ow) or int.
     spatial_scale: feature-map pixels per input pixel (1/stride).
     sampling_ratio: samples per bin and axis; <= 0 means adaptive,
-      ceil(roi_size / output_size), capped at `max_sampling_ratio`.
+      ceil(roi_size / output_size) per box, exactly (torchvision's).
     aligned: subtract half a pixel from the scaled box (pixel-centre model);
       False keeps the legacy behaviour that forces ROIs to at least 1x1.
-    max_sampling_ratio: static cap for adaptive sampling; see the module
-      docstring for what happens past it. Ignored when sampling_ratio > 0.
+    max_sampling_ratio: adaptive sampling reads a fixed grid of this many
+      samples per bin and axis while every box needs no more, else dense
+      per-axis weights (module docstring): a cost, not an accuracy, knob.
+      Ignored when sampling_ratio > 0.
     impl: "gather" or "einsum" (dense one-hot matmuls); equal results.
     precision: matmul precision of the einsum path.
 
@@ -210,21 +261,34 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
   k = boxes.shape[0]
   sizes_h = jnp.full((k,), h, jnp.int32)
   sizes_w = jnp.full((k,), w, jnp.int32)
-  yi, yw, xi, xw = _box_geometry(boxes, spatial_scale, output_size, int(sampling_ratio),
-                                 aligned, max_sampling_ratio, sizes_h, sizes_w, h, w)
+  geometry = functools.partial(_box_geometry, boxes, spatial_scale, output_size,
+                               int(sampling_ratio), aligned, max_sampling_ratio,
+                               sizes_h, sizes_w, h, w)
+  yi, yw, xi, xw, fits = geometry()
   bidx = box_indices.astype(jnp.int32)
-  g2 = yi.shape[2] * 2
-  if impl == "gather":
-    flat = features.reshape(n * h * w, c)
-    base = bidx * (h * w)
-    fn = lambda b, wd, a, bb, cc, d: _gather_read(flat, b, wd, a, bb, cc, d)
-    per_box = (base, sizes_w, yi, yw, xi, xw)
-    elems = output_size[0] * output_size[1] * g2 * g2 * c
-  else:
-    fn = lambda b, a, bb, cc, d: _einsum_read(features, b, a, bb, cc, d, precision)
-    per_box = (bidx, yi, yw, xi, xw)
-    elems = output_size[0] * (w * c + n * h)
-  return _chunked(fn, per_box, k, elems).astype(features.dtype)
+  dt = features.dtype
+  dense_elems = output_size[0] * (w * c + n * h)
+
+  def sampled():
+    g2 = yi.shape[2] * 2
+    if impl == "gather":
+      flat = features.reshape(n * h * w, c)
+      fn = lambda b, wd, a, bb, cc, d: _gather_read(flat, b, wd, a, bb, cc, d)
+      return _chunked(fn, (bidx * (h * w), sizes_w, yi, yw, xi, xw), k,
+                      output_size[0] * output_size[1] * g2 * g2 * c)
+    fn = lambda b, a, bb, cc, d: _einsum_read(
+        features, b, _one_hot_weights(a, bb, h, dt), _one_hot_weights(cc, d, w, dt),
+        precision)
+    return _chunked(fn, (bidx, yi, yw, xi, xw), k, dense_elems)
+
+  def exact():
+    eyi, eyw, exi, exw, _ = geometry(exact=True)
+    ay, ax = _scatter_weights(eyi, eyw, h, dt), _scatter_weights(exi, exw, w, dt)
+    fn = lambda b, a, x: _einsum_read(features, b, a, x, precision)
+    return _chunked(fn, (bidx, ay, ax), k, dense_elems)
+
+  out = sampled() if sampling_ratio > 0 else jax.lax.cond(fits, sampled, exact)
+  return out.astype(features.dtype)
 
 
 def fpn_levels(boxes: jax.Array, k_min: int, k_max: int, canonical_scale: float = 224.0,
@@ -287,31 +351,44 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
   hs = jnp.asarray([f.shape[1] for f in features], jnp.int32)[level]
   ws = jnp.asarray([f.shape[2] for f in features], jnp.int32)[level]
   scale = jnp.asarray(spatial_scales, jnp.float32)[level]
-  yi, yw, xi, xw = _box_geometry(boxes, scale, output_size, int(sampling_ratio),
-                                 aligned, max_sampling_ratio, hs, ws,
-                                 max(f.shape[1] for f in features),
-                                 max(f.shape[2] for f in features))
-  g2 = yi.shape[2] * 2
-  if impl == "gather":
+  geometry = functools.partial(_box_geometry, boxes, scale, output_size,
+                               int(sampling_ratio), aligned, max_sampling_ratio, hs, ws,
+                               max(f.shape[1] for f in features),
+                               max(f.shape[2] for f in features))
+  yi, yw, xi, xw, fits = geometry()
+  dt = features[0].dtype
+
+  def per_level(yi, yw, xi, xw, weights):
+    out = 0.0
+    for l, f in enumerate(features):
+      # Boxes of other levels get zero weights; their indices are clamped
+      # into this level's range so the reads stay in bounds.
+      on = (level == l).astype(yw.dtype)[:, None, None, None]
+      ay = weights(jnp.minimum(yi, f.shape[1] - 1), yw * on, f.shape[1], dt)
+      ax = weights(jnp.minimum(xi, f.shape[2] - 1), xw, f.shape[2], dt)
+      fn = lambda b, a, x, f=f: _einsum_read(f, b, a, x, precision)
+      elems = output_size[0] * (f.shape[2] * c + n * f.shape[1])
+      out = out + _chunked(fn, (bidx, ay, ax), k, elems)
+    return out
+
+  def sampled():
+    if impl == "einsum":
+      return per_level(yi, yw, xi, xw, _one_hot_weights)
     # All levels in one flat buffer: each box reads only its own level, so
     # the cost is that of one single-level call.
+    g2 = yi.shape[2] * 2
     flat = jnp.concatenate([f.reshape(-1, c) for f in features], axis=0)
     starts = np.cumsum([0] + [f.shape[0] * f.shape[1] * f.shape[2] for f in features])
     base = jnp.asarray(starts[:-1], jnp.int32)[level] + bidx * hs * ws
     fn = lambda b, wd, a, bb, cc, d: _gather_read(flat, b, wd, a, bb, cc, d)
     elems = output_size[0] * output_size[1] * g2 * g2 * c
-    out = _chunked(fn, (base, ws, yi, yw, xi, xw), k, elems)
-    return out.astype(features[0].dtype)
-  out = 0.0
-  for l, f in enumerate(features):
-    # Boxes of other levels get zero weights; their indices are clamped into
-    # this level's range so the one-hots stay in bounds.
-    on = (level == l).astype(yw.dtype)[:, None, None, None]
-    yil = jnp.minimum(yi, f.shape[1] - 1)
-    xil = jnp.minimum(xi, f.shape[2] - 1)
-    fn = lambda b, a, bb, cc, d, f=f: _einsum_read(f, b, a, bb, cc, d, precision)
-    elems = output_size[0] * (f.shape[2] * c + n * f.shape[1])
-    out = out + _chunked(fn, (bidx, yil, yw * on, xil, xw), k, elems)
+    return _chunked(fn, (base, ws, yi, yw, xi, xw), k, elems)
+
+  def exact():
+    eyi, eyw, exi, exw, _ = geometry(exact=True)
+    return per_level(eyi, eyw, exi, exw, _scatter_weights)
+
+  out = sampled() if sampling_ratio > 0 else jax.lax.cond(fits, sampled, exact)
   return out.astype(features[0].dtype)
 
 

@@ -10,14 +10,11 @@ import functools
 from typing import Callable, Dict, List, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from segjax import evaluation, inference, losses, predict
 from segjax.data import pipeline
 from segjax.tasks.base import Task
 from segjax.train import steps
-
-IGNORE = 255
 
 
 def objective(model, variables, batch, key, axis_name=None, *, loss_fn):
@@ -27,19 +24,16 @@ def objective(model, variables, batch, key, axis_name=None, *, loss_fn):
     batch: "image" [B,H,W,3] float32, "label" [B,H,W] int32 (255 = ignore)
       and optionally "weight" [B,H,W] float32 pixel weights.
     key: the dropout key.
-    loss_fn: `loss_fn(outputs, batch)`, the mean loss over valid pixels.
+    loss_fn: `loss_fn(outputs, batch)`, the loss of the (global) batch.
   """
-  # Under pmap each device sees part of the batch. Weighting its mean loss by
-  # its share of valid pixels makes the psum of gradients equal the gradient
-  # of the global mean, exactly what jit computes over the whole batch.
-  share = 1.0
-  if axis_name:
-    valid = jnp.sum((batch["label"] != IGNORE).astype(jnp.float32))
-    share = valid / jnp.maximum(jax.lax.psum(valid, axis_name), 1.0)
   outputs, new_vars = model.apply(variables, batch["image"], train=True,
                                   mutable=["batch_stats"], rngs={"dropout": key})
-  loss = loss_fn(outputs, batch) * share
-  return loss, {"loss": loss}, new_vars.get("batch_stats", {})
+  # Under pmap, this device's part of the global loss: the psum of the
+  # devices' gradients is the gradient jit computes, for every loss.
+  part, loss = losses.device_objective(loss_fn, outputs, batch, axis_name)
+  if axis_name:  # `loss` is global; the step sums the devices' parts.
+    loss = loss / jax.lax.psum(1, axis_name)
+  return part, {"loss": loss}, new_vars.get("batch_stats", {})
 
 
 def make_objective(loss_fn) -> steps.Objective:

@@ -23,6 +23,7 @@ import numpy as np
 from segjax import config as config_lib
 from segjax import models, tasks
 from segjax.errors import ConfigError, TrainingError
+from segjax.models import crf_option
 from segjax.train import checkpoint as ckpt_lib
 from segjax.train import optim, parallel, steps
 from segjax.train.logger import MetricsWriter, Progress
@@ -33,6 +34,7 @@ def build_model(config, axis_name: Optional[str] = None):
   """The config's model, with compute dtype and (pmap) BatchNorm axis name."""
   import jax.numpy as jnp
   kwargs = dict(config.model_kwargs)
+  kwargs.update(crf_option.normalisation_options(config.model, config))
   kwargs["dtype"] = getattr(jnp, config.dtype)
   if axis_name:
     kwargs["bn_axis_name"] = axis_name
@@ -225,8 +227,8 @@ def _check_finite(trainer, state, config):
   nonfinite = int(trainer.par.fetch(state.nonfinite))
   if not nonfinite:
     return 0
-  policy = config.train.get("nan_policy", "stop")
-  limit = config.train.get("max_nonfinite_steps", 0)
+  policy = config_lib.option(config.train, "train", "nan_policy")
+  limit = config_lib.option(config.train, "train", "max_nonfinite_steps")
   if policy == "skip" and nonfinite <= limit:
     return nonfinite
   last = trainer.checkpoints.latest_step()

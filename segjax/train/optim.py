@@ -4,6 +4,7 @@ from typing import Any, Callable, Tuple
 import jax
 import optax
 
+from segjax.config import option
 from segjax.errors import ConfigError
 
 
@@ -20,20 +21,22 @@ def make_schedule(opt, total_steps: int) -> optax.Schedule:
   lr = opt.learning_rate
   warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
   decay_steps = max(total_steps - warmup, 1)
-  end = lr * opt.get("end_factor", 0.0)
+  end = lr * option(opt, "optimizer", "end_factor")
   if opt.schedule == "constant":
     main = optax.constant_schedule(lr)
   elif opt.schedule == "poly":
-    main = optax.polynomial_schedule(lr, end, opt.get("poly_power", 0.9), decay_steps)
+    main = optax.polynomial_schedule(lr, end, option(opt, "optimizer", "poly_power"),
+                                     decay_steps)
   elif opt.schedule == "cosine":
-    main = optax.cosine_decay_schedule(lr, decay_steps, alpha=opt.get("end_factor", 0.0))
+    main = optax.cosine_decay_schedule(lr, decay_steps,
+                                       alpha=option(opt, "optimizer", "end_factor"))
   elif opt.schedule == "step":
-    milestones = sorted(int(m) for m in opt.get("milestones", ()))
+    milestones = sorted(int(m) for m in option(opt, "optimizer", "milestones"))
     if not milestones or milestones[0] <= warmup:
       raise ConfigError(f"optimizer.schedule 'step' needs optimizer.milestones, step "
                         f"numbers after the warmup ({warmup}), e.g. (60000, 80000); "
-                        f"got {tuple(opt.get('milestones', ()))}")
-    factor = opt.get("decay_factor", 0.1)
+                        f"got {tuple(option(opt, 'optimizer', 'milestones'))}")
+    factor = option(opt, "optimizer", "decay_factor")
     main = optax.piecewise_constant_schedule(lr, {m - warmup: factor for m in milestones})
   else:
     raise ConfigError(f"optimizer.schedule {opt.schedule!r} is unknown; use "
@@ -57,12 +60,12 @@ def make_optimizer(opt, total_steps: int
   if opt.name not in ("sgd", "adamw", "adam"):
     raise ConfigError(f"optimizer.name {opt.name!r} is unknown; use 'sgd', 'adamw' "
                       "or 'adam'")
-  lr_mult = dict(opt.get("lr_mult", None) or {})
+  lr_mult = dict(option(opt, "optimizer", "lr_mult") or {})
   if lr_mult:
     core = _per_module_rates(opt, schedule, lr_mult)
   else:
     core = _core(opt, schedule)
-  clip = opt.get("grad_clip_norm", 0.0)
+  clip = option(opt, "optimizer", "grad_clip_norm")
   tx = optax.chain(optax.clip_by_global_norm(clip), core) if clip else core
   return tx, schedule
 
