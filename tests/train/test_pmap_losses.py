@@ -2,8 +2,9 @@
 
 A tiny model (synchronised BatchNorm, then 1x1 convolutions for the logits,
 one aux head and UNet 3+'s image-level "cls" head) runs the real
-`steps.train_step` (the semantic task's objective) under jit on one device and under pmap on 8, with ignore
-pixels spread unevenly over the devices (one device has none counted). The
+`steps.train_step` with the semantic task's objective under jit on one
+device and under pmap on 8, with ignore pixels spread unevenly over the
+devices (one device has none counted). The
 optimizer keeps the gradient as its state, so the test compares gradients,
 not updates.
 """
