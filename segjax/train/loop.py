@@ -11,6 +11,7 @@ steps are dispatched without a host sync in between.
 What differs between kinds of model (loss, data, evaluation) comes from the
 config's task (segjax/tasks); nothing here depends on the kind.
 """
+import functools
 import os
 import signal
 import threading
@@ -77,7 +78,11 @@ class Trainer:
   # --- state ---------------------------------------------------------------
   def initial_state(self, step: Optional[int] = None, set_aside: bool = False
                     ) -> Tuple[TrainState, int]:
-    """Fresh state (or `init_from` weights), then the newest checkpoint if any.
+    """The newest checkpoint if any, else a fresh state (or `init_from` weights).
+
+    A checkpoint is restored straight into the abstract state (shapes and
+    target shardings from `jax.eval_shape`), so start-up holds one state, not
+    a fresh one beside the restored one.
 
     Args:
       step: restore exactly this checkpoint step instead of the newest.
@@ -86,23 +91,28 @@ class Trainer:
     Returns:
       (device state, step it starts from).
     """
-    init = jax.jit(init_state, static_argnums=(0, 1, 3))
-    host = init(self.model, self.tx, jax.random.fold_in(self.rng, 1), self.task.init_shape)
-    host = jax.device_get(host)
-    if self.config.init_from:
-      host = ckpt_lib.load_init(self.config.init_from, host)
-    # Under jit the restore target carries the replicated sharding.
-    target = host.to_dict()
-    if self.par.mode == "jit":
-      target = self.par.put_state(target)
-    restored, step = self.checkpoints.restore(target, step=step,
-                                                set_aside=set_aside)
-    if restored is None:
-      return self.par.put_state(host), 0
-    state = TrainState(**restored)
-    if self.par.mode == "jit":
+    init = functools.partial(init_state, self.model, self.tx,
+                             image_shape=self.task.init_shape)
+    key = jax.random.fold_in(self.rng, 1)
+    if step is not None or self.checkpoints.all_steps():
+      # pmap restores onto one local device, then replicates.
+      sharding = (self.par.replicated if self.par.mode == "jit"
+                  else jax.sharding.SingleDeviceSharding(self.par.local_devices[0]))
+      target = jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+          jax.eval_shape(init, key))
+      restored, step = self.checkpoints.restore(target.to_dict(), step=step,
+                                                  set_aside=set_aside)
+      state = TrainState(**restored)
+      if self.par.mode == "pmap":
+        state = self.par.put_state(jax.device_get(state))
       return state, int(step)
-    return self.par.put_state(jax.device_get(state)), int(step)
+    if self.config.init_from:
+      host = ckpt_lib.load_init(self.config.init_from, jax.device_get(jax.jit(init)(key)))
+      return self.par.put_state(host), 0
+    if self.par.mode == "jit":
+      return jax.jit(init, out_shardings=self.par.replicated)(key), 0
+    return self.par.put_state(jax.device_get(jax.jit(init)(key))), 0
 
   def save(self, state: TrainState, force: bool = False) -> bool:
     step = int(self.par.fetch(state.step))
