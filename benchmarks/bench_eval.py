@@ -31,7 +31,7 @@ from segjax import evaluation, inference, models  # noqa: E402
 def _examples(count, smoke, seed=0):
   """`count` examples cycling through 16 distinct ones (held once in memory)."""
   rng = np.random.default_rng(seed)
-  big, small = ((375, 500), (500, 375)) if not smoke else ((37, 50), (50, 37))
+  big, small = ((375, 500), (500, 375)) if not smoke else ((40, 70), (70, 40))
   pool = []
   for i in range(16):
     h, w = big if i % 3 else small
