@@ -368,7 +368,8 @@ def apply_mode(c: ml_collections.ConfigDict, mode: str = "") -> ml_collections.C
   64 canvas for detectors), steps (4) and batch (8); the evaluation's
   `resize_to`, sliding-window `crop_size` and `stride` scale with the crop,
   so slide windows, scales and flips still run, on small windows. Schedule
-  milestones scale with the steps. The learning rate stays the
+  milestones scale with the steps (the warmup is cut to the run by the
+  schedule itself). The learning rate stays the
   experiment's, unless it was meant for an ImageNet-initialised backbone
   and the tiny model starts from scratch (Mask R-CNN: see below).
   """
@@ -396,10 +397,10 @@ def _tiny(c):
   steps = c.train.steps
   c.train.update(steps=TINY_STEPS, batch_size=8, log_every_steps=2)
   c.checkpoint.every_steps = 2
-  # A warmup keeps rising over (at most) half the steps; the schedule's
-  # milestones keep their place in the run, after the warmup.
-  warmup = c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, TINY_STEPS // 2)
+  # The schedule shortens the warmup to the run (segjax.train.optim); the
+  # milestones keep their place in the run, after that warmup.
   if c.optimizer.get("milestones"):
+    warmup = min(c.optimizer.warmup_steps, TINY_STEPS - 1)
     c.optimizer.milestones = tuple(sorted({
         min(max(warmup + 1, round(m * TINY_STEPS / steps)), TINY_STEPS)
         for m in c.optimizer.milestones}))
