@@ -5,7 +5,7 @@ import pytest
 
 import e2e_runs
 
-pytestmark = pytest.mark.slow(seconds=40)
+pytestmark = pytest.mark.slow(seconds=70)
 
 
 def test_cityscapes_tiny_run(tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 import e2e_runs
 
-pytestmark = pytest.mark.slow(seconds=60)
+pytestmark = pytest.mark.slow(seconds=100)
 
 
 def test_coco_instances_tiny_run(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 
 import e2e_runs
 
-pytestmark = pytest.mark.slow(seconds=30)
+pytestmark = pytest.mark.slow(seconds=50)
 
 
 def test_voc_tiny_run(tmp_path):
