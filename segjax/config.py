@@ -32,6 +32,11 @@ REQUIRED_KEYS = (
 OPEN_KEYS = ("model_kwargs", "loss.kwargs", "optimizer.lr_mult")
 
 
+# Sizes whose None means "not set" (the image's own size, whole-image
+# inference): an override may clear them, e.g. --config.eval.resize_to=None.
+NULLABLE_KEYS = ("eval.resize_to", "eval.image_size", "eval.crop_size", "eval.stride")
+
+
 def load_config(path, overrides=()):
   """Loads `path` (a configs/*.py file or a workdir's config.json).
 
@@ -132,6 +137,8 @@ def _parse(text, old, key):
                       f"literal of type {type(old).__name__}") from None
   if old is None or isinstance(value, type(old)):
     return value
+  if value is None and key in NULLABLE_KEYS:
+    return None
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
