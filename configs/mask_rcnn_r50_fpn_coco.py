@@ -40,10 +40,4 @@ def get_config(mode=""):
       max_instances=100, min_size=(800,), max_size=1333, canvas=(1344, 1344),
       size_divisibility=32, flip=True, drop_crowd=True))
   c.optimizer.grad_clip_norm = 0.0  # Detectron clips nothing.
-  c = apply_mode(c, mode)
-  if mode == "tiny":
-    c.image_size = c.instances.canvas = (64, 64)
-    c.instances.update(min_size=(64,), max_size=64, max_instances=8)
-    c.optimizer.milestones = (3,)
-    c.optimizer.warmup_steps = 1
-  return c
+  return apply_mode(c, mode)

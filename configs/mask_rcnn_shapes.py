@@ -47,11 +47,4 @@ def get_config(mode=""):
                      warmup_steps=100, weight_decay=1e-4, grad_clip_norm=10.0)
   c.eval.update(every_steps=250, batch_size=20)
   c.checkpoint.every_steps = 500
-  c = apply_mode(c, mode)
-  if mode == "tiny":
-    c.image_size = c.instances.canvas = (64, 64)
-    c.instances.update(min_size=(64,), max_size=64)
-    c.model_kwargs.update(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=32,
-                          rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=16,
-                          box_batch_size_per_image=32, box_detections_per_img=10)
-  return c
+  return apply_mode(c, mode)

@@ -23,7 +23,4 @@ def get_config(mode=""):
   c.model = "segformer_b0"
   c.model_kwargs = ml_collections.ConfigDict(dict(drop_path_rate=0.1))
   c.optimizer.learning_rate = 1e-3
-  if mode == "tiny":
-    c.model_kwargs.update(hidden_sizes=(8, 16, 16, 16), depths=(1, 1, 1, 1),
-                          num_heads=(1, 2, 2, 2), decoder_width=16)
   return apply_mode(c, mode)

@@ -31,7 +31,4 @@ def get_config(mode=""):
   c.model_kwargs = ml_collections.ConfigDict(dict(drop_path_rate=0.1))
   c.optimizer.update(poly_power=1.0, end_factor=0.0, grad_clip_norm=0.0)
   c.optimizer.lr_mult = dict(decode_head=10.0)
-  if mode == "tiny":
-    c.model_kwargs.update(hidden_sizes=(8, 16, 16, 16), depths=(1, 1, 1, 1),
-                          num_heads=(1, 2, 2, 2), decoder_width=16)
   return apply_mode(c, mode)

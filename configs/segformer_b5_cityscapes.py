@@ -31,8 +31,4 @@ def get_config(mode=""):
   c.optimizer.update(poly_power=1.0, end_factor=0.0, grad_clip_norm=0.0)
   c.optimizer.lr_mult = dict(decode_head=10.0)
   c.eval.update(mode="slide", crop_size=(1024, 1024), stride=(768, 768))
-  if mode == "tiny":
-    c.eval.mode = "whole"  # tiny images: no windows to slide
-    c.model_kwargs.update(hidden_sizes=(8, 16, 16, 16), depths=(1, 1, 1, 1),
-                          num_heads=(1, 2, 2, 2), decoder_width=16)
   return apply_mode(c, mode)

@@ -40,8 +40,4 @@ def get_config(mode=""):
                      grad_clip_norm=0.0)
   c.optimizer.lr_mult = dict(decode_head=10.0, auxiliary_head=10.0)
   c.eval.update(mode="slide", crop_size=(512, 512), stride=(341, 341))
-  if mode == "tiny":
-    c.eval.mode = "whole"  # tiny images: no windows to slide
-    c.model_kwargs.update(width=32, depth=4, num_heads=2, pretrain_grid=(2, 2),
-                          channels=8, mla_head_channels=8)
   return apply_mode(c, mode)

@@ -40,8 +40,4 @@ def get_config(mode=""):
   c.eval.update(mode="slide", crop_size=(768, 768), stride=(512, 512),
                 every_steps=8000)
   c.checkpoint.every_steps = 8000
-  if mode == "tiny":
-    c.eval.mode = "whole"  # tiny images: no windows to slide
-    c.model_kwargs.update(width=32, depth=4, num_heads=2, pretrain_grid=(2, 2),
-                          channels=8)
   return apply_mode(c, mode)

@@ -25,7 +25,4 @@ def get_config(mode=""):
   c.augment.scale_range = (0.75, 1.5)
   c.eval.resize_to = None
   c.optimizer.learning_rate = 1e-3
-  if mode == "tiny":
-    c.model_kwargs.update(width=16, depth=2, num_heads=2, pretrain_grid=(2, 2),
-                          channels=8)
   return apply_mode(c, mode)

@@ -24,6 +24,4 @@ def get_config(mode=""):
   c.model_kwargs = ml_collections.ConfigDict(dict(
       depth=4, base_width=16, padding="same", upsample="transpose",
       norm="batch", dropout=0.0))
-  if mode == "tiny":
-    c.model_kwargs.update(base_width=4, depth=2)
   return apply_mode(c, mode)

@@ -33,6 +33,11 @@ REQUIRED_KEYS = (
 OPEN_KEYS = ("model_kwargs", "loss.kwargs", "optimizer.lr_mult")
 
 
+# Sizes whose None means "not set" (the image's own size, whole-image
+# inference): an override may clear them, e.g. --config.eval.resize_to=None.
+NULLABLE_KEYS = ("eval.resize_to", "eval.image_size", "eval.crop_size", "eval.stride")
+
+
 def load_config(path, overrides=()):
   """Loads `path` (a configs/*.py file or a workdir's config.json).
 
@@ -133,6 +138,8 @@ def _parse(text, old, key):
                       f"literal of type {type(old).__name__}") from None
   if old is None or isinstance(value, type(old)):
     return value
+  if value is None and key in NULLABLE_KEYS:
+    return None
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
@@ -208,6 +215,29 @@ _DATASETS = {
                        weight_decay=5e-4),
         eval=dict(every_steps=4000, batch_size=8, resize_to=None),
         checkpoint=dict(every_steps=4000)),
+    # PASCAL-Context (59 classes, background ignored): 480x480 crops, batch
+    # 16, SGD lr 0.004 with poly decay over 40k steps, weight decay 1e-4
+    # (mmsegmentation's Context-59 schedule).
+    "pascal_context": dict(
+        dataset="pascal_context/59", num_classes=59, image_size=(480, 480),
+        augment=dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
+                     std=(58.395, 57.12, 57.375)),
+        train=dict(steps=40000, batch_size=16, log_every_steps=50),
+        optimizer=dict(name="sgd", learning_rate=0.004, schedule="poly", warmup_steps=0,
+                       weight_decay=1e-4),
+        eval=dict(every_steps=4000, batch_size=8, resize_to=None),
+        checkpoint=dict(every_steps=4000)),
+    # COCO-Stuff 164k (171 classes): 512x512 crops, batch 16, SGD lr 0.01 with
+    # poly decay over 80k steps, weight decay 5e-4 (mmsegmentation's schedule).
+    "coco_stuff": dict(
+        dataset="coco_instances/stuff", num_classes=171, image_size=(512, 512),
+        augment=dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
+                     std=(58.395, 57.12, 57.375)),
+        train=dict(steps=80000, batch_size=16, log_every_steps=50),
+        optimizer=dict(name="sgd", learning_rate=0.01, schedule="poly", warmup_steps=0,
+                       weight_decay=5e-4),
+        eval=dict(every_steps=8000, batch_size=8, resize_to=None),
+        checkpoint=dict(every_steps=8000)),
     # ADE20K (SceneParsing, 150 classes, reduce-zero-label): 512x512 crops,
     # batch 16, 160k steps, the schedule of SegFormer and SETR.
     "ade20k": dict(
@@ -281,7 +311,7 @@ def option(section, name: str, key: str):
 
 def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
   """Every core key, set for a dataset family: "segjax_shapes", "voc",
-  "ade20k", "cityscapes" or "coco".
+  "pascal_context", "ade20k", "cityscapes", "coco" or "coco_stuff".
 
   The model keys (`model`, `model_kwargs`) are left for the config file,
   which ends with `return apply_mode(c, mode)`.
@@ -319,19 +349,94 @@ def base_config(family: str = "segjax_shapes") -> ml_collections.ConfigDict:
   return c
 
 
+# Tiny mode (`configs/<x>.py:tiny`): each model at the smallest widths and
+# depths that keep its structure, so a tiny run compiles and trains in
+# seconds on a CPU. Only sizes are named here: the options the experiment
+# chose (output stride, FCN alignment, auxiliary heads, deep supervision,
+# CRF) stay as they are. Multi-grid needs one rate per block of the last
+# stage, so it goes with the blocks.
+_TINY_VGG = dict(widths=(8,) * 5, stage_sizes=(1,) * 5, fc_width=16)
+_TINY_RESNET = dict(stage_sizes=(1, 1, 1, 1), width=8)
+_TINY_SEGFORMER = dict(hidden_sizes=(8, 16, 16, 16), depths=(1, 1, 1, 1),
+                       num_heads=(1, 2, 2, 2), decoder_width=16)
+_TINY_SETR = dict(width=32, depth=4, num_heads=2, pretrain_grid=(2, 2), channels=8)
+TINY_MODEL_KWARGS = {
+    "unet": dict(base_width=4, depth=2),
+    "unet_pp": dict(base_width=4, depth=2),
+    "unet3p": dict(base_width=4, depth=2),
+    "fcn_resnet50": _TINY_RESNET, "fcn_resnet101": _TINY_RESNET,
+    "deeplab_v3_resnet50": _TINY_RESNET, "deeplab_v3_resnet101": _TINY_RESNET,
+    "fcn32s": _TINY_VGG, "fcn16s": _TINY_VGG, "fcn8s": _TINY_VGG,
+    "deconvnet": _TINY_VGG, "deeplab_v1": _TINY_VGG, "parsenet": _TINY_VGG,
+    "segnet": dict(widths=(8,) * 5, stage_sizes=(1,) * 5),
+    "deeplab_v2": _TINY_RESNET,
+    "deeplab_v3": dict(_TINY_RESNET, multi_grid=None, aspp_channels=16),
+    "deeplab_v3_plus": dict(_TINY_RESNET, multi_grid=None, aspp_channels=16,
+                            low_level_channels=8, decoder_channels=16),
+    **{f"segformer_b{i}": _TINY_SEGFORMER for i in range(6)},
+    "setr_naive": _TINY_SETR, "setr_pup": _TINY_SETR,
+    "setr_mla": dict(_TINY_SETR, mla_head_channels=8),
+    # Mask R-CNN from scratch (see apply_mode): BatchNorm trained, every
+    # stage trained, few proposals and rois.
+    "mask_rcnn_r50_fpn": dict(
+        stage_sizes=(1, 1, 1, 1), width=16, fpn_channels=64, representation_size=256,
+        mask_channels=64, frozen_bn=False, trainable_backbone_layers=5,
+        anchor_sizes=((16,), (32,), (64,), (128,), (256,)),
+        rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=32,
+        rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=16,
+        box_batch_size_per_image=32, box_detections_per_img=10),
+}
+TINY_SIDE = 32  # training crop of semantic models (detectors: a 64 canvas)
+TINY_STEPS = 4
+
+
 def apply_mode(c: ml_collections.ConfigDict, mode: str = "") -> ml_collections.ConfigDict:
   """`c` as is (mode ""), or shrunk to a seconds-long smoke run (mode "tiny").
 
   Config files pass their `get_config(mode)` argument here last, so "tiny"
   overrides whatever the experiment set (`--config configs/x.py:tiny`).
+
+  Tiny keeps the experiment's recipe and its evaluation protocol and shrinks
+  their sizes: the model (`TINY_MODEL_KWARGS`), the training crop (32, or a
+  64 canvas for detectors), steps (4) and batch (8); the evaluation's
+  `resize_to`, sliding-window `crop_size` and `stride` scale with the crop,
+  so slide windows, scales and flips still run, on small windows. Schedule
+  milestones scale with the steps (the warmup is cut to the run by the
+  schedule itself). The learning rate stays the
+  experiment's, unless it was meant for an ImageNet-initialised backbone
+  and the tiny model starts from scratch (Mask R-CNN: see below).
   """
   if mode == "tiny":
-    c.image_size = (32, 32)
-    c.augment.scale_range = (0.5, 1.0)
-    c.eval.resize_to = None
-    c.train.update(steps=4, batch_size=8, log_every_steps=2)
-    c.eval.update(every_steps=4, batch_size=8, mode="whole", scales=(1.0,), flip=False)
-    c.checkpoint.every_steps = 2
+    _tiny(c)
   elif mode:
     raise ConfigError(f"unknown config mode {mode!r}; the only mode is 'tiny'")
   return c
+
+
+def _tiny(c):
+  detector = "instances" in c
+  side = 2 * TINY_SIDE if detector else TINY_SIDE
+  factor = side / max(c.image_size)
+
+  def scaled(size):
+    return None if size is None else tuple(max(1, round(v * factor)) for v in size)
+
+  c.model_kwargs.update(TINY_MODEL_KWARGS.get(c.model, {}))
+  c.image_size = (side, side)
+  c.augment.scale_range = (0.5, 1.0)
+  c.eval.update(resize_to=scaled(c.eval.resize_to), crop_size=scaled(c.eval.crop_size),
+                stride=scaled(c.eval.stride), image_size=scaled(c.eval.image_size),
+                every_steps=TINY_STEPS, batch_size=8)
+  steps = c.train.steps
+  c.train.update(steps=TINY_STEPS, batch_size=8, log_every_steps=2)
+  c.checkpoint.every_steps = 2
+  # The schedule shortens the warmup to the run (segjax.train.optim); the
+  # milestones keep their place in the run, after that warmup.
+  if c.optimizer.get("milestones"):
+    warmup = min(c.optimizer.warmup_steps, TINY_STEPS - 1)
+    c.optimizer.milestones = tuple(sorted({
+        min(max(warmup + 1, round(m * TINY_STEPS / steps)), TINY_STEPS)
+        for m in c.optimizer.milestones}))
+  if detector:
+    c.instances.update(canvas=(side, side), min_size=(side,), max_size=side,
+                       max_instances=8)

@@ -29,6 +29,63 @@ def test_config_loads_and_builds_its_model(path):
   assert tiny.train.steps < config.train.steps
 
 
+# (height, width) of an evaluation image of each dataset, scaled down as the
+# end-to-end tests' fake downloads have them (tests/data/fake_downloads.py).
+EVAL_SHAPES = {
+    "segjax_shapes": (64, 64), "voc2012_segmentation": (75, 100),
+    "pascal_context": (100, 75), "cityscapes": (32, 64), "ade20k": (85, 64),
+    "coco_instances": (48, 64),
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_tiny_keeps_the_recipe_and_the_evaluation_protocol(path):
+  full = config_lib.load_config(path)
+  tiny = config_lib.load_config(path + ":tiny")
+  assert tiny.model == full.model and tiny.dataset == full.dataset
+  assert tiny.num_classes == full.num_classes and tiny.loss == full.loss
+  assert tiny.optimizer.name == full.optimizer.name
+  assert tiny.optimizer.schedule == full.optimizer.schedule
+  assert (tiny.train.steps, tiny.train.batch_size) == (4, 8)
+  # The same inference: mode, scales, flips, windows as large relative to
+  # the training crop as the experiment's.
+  assert tiny.eval.mode == full.eval.mode
+  assert tuple(tiny.eval.scales) == tuple(full.eval.scales)
+  assert tiny.eval.flip == full.eval.flip
+  for key in ("crop_size", "stride", "resize_to"):
+    assert (tiny.eval[key] is None) == (full.eval[key] is None), key
+    if full.eval[key] is not None:
+      ratio = full.eval[key][0] / full.image_size[0]
+      assert abs(tiny.eval[key][0] / tiny.image_size[0] - ratio) < 0.05, key
+  if tiny.eval.mode == "slide":
+    assert max(tiny.eval.crop_size) <= max(tiny.image_size)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_tiny_model_traces_on_its_datasets_images(path):
+  """The tiny model on what its evaluation feeds it: windows of an image of
+  its dataset (an odd size, on a bucketed canvas)."""
+  tiny = config_lib.load_config(path + ":tiny")
+  model = models.build(tiny.model, num_classes=tiny.num_classes, **tiny.model_kwargs)
+  if models.task(tiny.model) == "instance":
+    # Detectors place every image on their fixed canvas (config.instances).
+    windows = tuple(tiny.instances.canvas)
+  else:
+    h, w = EVAL_SHAPES[tiny.dataset.partition("/")[0]]
+    bucket = tiny.eval.bucket
+    canvas = (-(-h // bucket) * bucket, -(-w // bucket) * bucket)
+    windows = (tiny.eval.crop_size if tiny.eval.mode == "slide"
+               else tiny.eval.resize_to or canvas)
+    windows = tuple(min(a, b) for a, b in zip(windows, canvas))
+  # One trace, no compilation: init runs the forward pass on these inputs.
+  out, variables = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=False),
+      jnp.zeros((2, *windows, 3), jnp.float32))
+  assert jax.tree_util.tree_leaves(variables["params"])
+  if models.task(tiny.model) == "semantic":
+    assert out["logits"].shape == (2, *windows, tiny.num_classes)
+
+
 def test_base_config_refuses_unknown_family_and_mode():
   with pytest.raises(ConfigError, match="dataset family"):
     config_lib.base_config("kitti")

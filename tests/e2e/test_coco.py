@@ -1,0 +1,35 @@
+"""COCO end to end on one fake COCO 2017 download (several image sizes, both
+orientations; polygons, a crowd RLE, COCO-Stuff maps):
+configs/mask_rcnn_r50_fpn_coco.py:tiny on "coco_instances" (COCO box and
+mask AP) and configs/deeplab_v3_plus_coco_stuff.py:tiny on
+"coco_instances/stuff" (mIoU)."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import e2e_runs
+
+pytestmark = pytest.mark.slow(seconds=100)
+
+
+def test_coco_instances_tiny_run(tmp_path):
+  result = e2e_runs.run("mask_rcnn_r50_fpn_coco.py", e2e_runs.fake_downloads.coco_download,
+                        tmp_path)
+  evals = e2e_runs.check_training(result)
+  assert [r["step"] for r in evals] == [4, 4]  # training's, then segjax eval's
+  for row in evals:
+    assert e2e_runs.finite(row["mask_ap"], row["box_ap"], row["mask_ap50"]), row
+  assert f"validation at step 4: mask AP {evals[-1]['mask_ap']:.4f}" in result.eval_out
+  for path, (h, w) in zip(result.download.images, result.download.sizes):
+    stem = os.path.join(result.output, os.path.splitext(os.path.basename(path))[0])
+    assert np.asarray(Image.open(f"{stem}_instances.png")).shape == (h, w, 3)
+    assert np.asarray(Image.open(f"{stem}_instance_ids.png")).shape == (h, w)
+
+
+def test_coco_stuff_tiny_run(tmp_path):
+  result = e2e_runs.run("deeplab_v3_plus_coco_stuff.py",
+                        e2e_runs.fake_downloads.coco_download, tmp_path,
+                        dataset="coco_instances/stuff")
+  e2e_runs.check_semantic(result, num_classes=171)
