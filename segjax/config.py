@@ -35,7 +35,7 @@ OPEN_KEYS = ("model_kwargs", "loss.kwargs", "optimizer.lr_mult")
 
 # Sizes whose None means "not set" (the image's own size, whole-image
 # inference): an override may clear them, e.g. --config.eval.resize_to=None.
-NULLABLE_KEYS = ("eval.resize_to", "eval.image_size", "eval.crop_size", "eval.stride")
+NULLABLE_KEYS = ("eval.resize_to", "eval.crop_size", "eval.stride")
 
 
 def load_config(path, overrides=()):

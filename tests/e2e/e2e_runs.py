@@ -105,6 +105,9 @@ def check_semantic(result, num_classes):
     assert finite(row["miou"], row["pixel_accuracy"], row["mean_accuracy"]), row
     assert 0 <= row["miou"] <= 1 and len(row["per_class_iou"]) == num_classes
   assert f"validation at step 4: mIoU {evals[-1]['miou']:.4f}" in result.eval_out
+  # One evaluation: training logged what segjax eval gives for the checkpoint.
+  for key in ("miou", "pixel_accuracy", "per_class_iou", "num_pixels"):
+    assert evals[0][key] == evals[1][key], key
   for path, (h, w) in zip(result.download.images, result.download.sizes):
     stem = os.path.join(result.output, os.path.splitext(os.path.basename(path))[0])
     labels = np.asarray(Image.open(f"{stem}_labels.png"))
