@@ -425,8 +425,7 @@ def _tiny(c):
   c.image_size = (side, side)
   c.augment.scale_range = (0.5, 1.0)
   c.eval.update(resize_to=scaled(c.eval.resize_to), crop_size=scaled(c.eval.crop_size),
-                stride=scaled(c.eval.stride), image_size=scaled(c.eval.image_size),
-                every_steps=TINY_STEPS, batch_size=8)
+                stride=scaled(c.eval.stride), every_steps=TINY_STEPS, batch_size=8)
   steps = c.train.steps
   c.train.update(steps=TINY_STEPS, batch_size=8, log_every_steps=2)
   c.checkpoint.every_steps = 2
