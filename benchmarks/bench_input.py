@@ -201,9 +201,10 @@ def measure(family, data_dir, cores, batch, batches, warmup, cached, scale):
 
 def worker(args):
   """One measurement in this process, pinned to args.cores cores; prints JSON."""
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
+  cores = int(args.cores)
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  rate, first = measure(args.worker, args.data_dir, args.cores, args.batch, args.batches,
+  rate, first = measure(args.worker, args.data_dir, cores, args.batch, args.batches,
                         args.warmup, args.cached, args.scale)
   print(json.dumps(dict(images_per_sec=rate, first_batch_s=first)))
 
