@@ -18,7 +18,9 @@ they compress about as photographs do; labels: blocks of classes.
 Each measurement runs in a fresh process pinned to N cores
 (os.sched_setaffinity, which tf.data's thread pools size themselves by),
 times --batches batches after --warmup, and reports images/s and images/s
-per core. Two ways of reading are measured: "decode" (every epoch decodes
+per core, and images per CPU second the process used (the rate of one
+fully busy core, which on a shared machine is steadier than the wall-clock
+rate). Two ways of reading are measured: "decode" (every epoch decodes
 the files again: what VOC aug, ADE20K and COCO do, their training splits
 being above data.cache_below = 4096 examples) and "cached" (decoded
 examples cached in memory, Cityscapes' 2975-image split under the
@@ -27,6 +29,7 @@ default): the stream then costs augmentation only.
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -180,8 +183,12 @@ def family_config(family, data_dir, batch, cached, scale):
 
 
 def measure(family, data_dir, cores, batch, batches, warmup, cached, scale):
-  """(images/s, seconds of the first batch) of the family's training stream
-  in this process, which must already be pinned to `cores` cores."""
+  """{images_per_sec, images_per_cpu_s, first_batch_s} of the family's
+  training stream in this process, which must already be pinned to `cores`
+  cores. images_per_cpu_s counts the CPU seconds the process used (all its
+  threads) while the timed batches were made: on a busy machine, where the
+  wall-clock rate depends on what else runs, it is the rate of one core
+  kept busy."""
   from segjax.data import instances, pipeline
   config = family_config(family, data_dir, batch, cached, scale)
   stream = (instances if family == "coco" else pipeline).train_batches(
@@ -191,12 +198,19 @@ def measure(family, data_dir, cores, batch, batches, warmup, cached, scale):
   first = time.perf_counter() - start
   for _ in range(warmup):
     next(stream)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _cpu_seconds()
   for _ in range(batches):
     out = next(stream)
-  seconds = time.perf_counter() - start
+  seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
   assert out["image"].shape[0] == batch
-  return batch * batches / seconds, first
+  return dict(images_per_sec=batch * batches / seconds,
+              images_per_cpu_s=batch * batches / cpu, first_batch_s=first)
+
+
+def _cpu_seconds():
+  """User + system CPU seconds of this process, all threads."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
 def worker(args):
@@ -204,9 +218,8 @@ def worker(args):
   cores = int(args.cores)
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  rate, first = measure(args.worker, args.data_dir, cores, args.batch, args.batches,
-                        args.warmup, args.cached, args.scale)
-  print(json.dumps(dict(images_per_sec=rate, first_batch_s=first)))
+  print(json.dumps(measure(args.worker, args.data_dir, cores, args.batch, args.batches,
+                           args.warmup, args.cached, args.scale)))
 
 
 def run_one(family, data_dir, cores, cached, args):
@@ -223,7 +236,8 @@ def run_one(family, data_dir, cores, cached, args):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-COLUMNS = ("family", "crop", "read", "cores", "images_per_sec", "images_per_sec_per_core")
+COLUMNS = ("family", "crop", "read", "cores", "images_per_sec", "images_per_sec_per_core",
+           "images_per_cpu_s")
 
 
 def main(argv=None):
@@ -262,9 +276,8 @@ def main(argv=None):
       for read in args.read.split(","):
         for cores in ([1] if args.smoke else [int(c) for c in args.cores.split(",")]):
           if args.smoke:  # In this process: fast, no pinning.
-            rate, first = measure(family, data_dir, cores, args.batch, args.batches,
-                                  args.warmup, read == "cached", args.scale)
-            result = dict(images_per_sec=rate, first_batch_s=first)
+            result = measure(family, data_dir, cores, args.batch, args.batches,
+                             args.warmup, read == "cached", args.scale)
           else:
             result = run_one(family, data_dir, cores, read == "cached", args)
           row = dict(family=family, crop=crop, read=read, cores=cores, **result,
