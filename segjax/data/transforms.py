@@ -116,11 +116,6 @@ def random_scale(ex: Example, seed, scale_range=(0.5, 2.0),
       into that box keeping its aspect ratio, so images of any size end up
       around the same scale. None scales relative to the input size.
   """
-  return _resize_to(ex, _scaled_size(ex, seed, scale_range, base_size))
-
-
-def _scaled_size(ex: Example, seed, scale_range, base_size) -> tf.Tensor:
-  """int32 [2]: the (h, w) random_scale draws for `ex` from `seed`."""
   low, high = _range(scale_range, "scale_range")
   if low <= 0:
     raise errors.ConfigError(f"scale_range={scale_range} must be positive.")
@@ -130,7 +125,8 @@ def _scaled_size(ex: Example, seed, scale_range, base_size) -> tf.Tensor:
     long_side, short_side = (float(s) for s in _pair(base_size, "base_size"))
     factor *= tf.minimum(long_side / tf.reduce_max(hw),
                          short_side / tf.reduce_min(hw))
-  return tf.maximum(tf.cast(tf.round(hw * factor), tf.int32), 1)
+  new_hw = tf.maximum(tf.cast(tf.round(hw * factor), tf.int32), 1)
+  return _resize_to(ex, new_hw)
 
 
 def random_crop(ex: Example, seed, size: Size) -> Example:
@@ -139,76 +135,17 @@ def random_crop(ex: Example, seed, size: Size) -> Example:
   Use `pad_to_size` afterwards for a fixed output shape (train_transform
   does). The offset is uniform over all windows that fit.
   """
-  offset, crop_hw = _crop_window(tf.shape(ex["image"])[:2], seed, size)
-  image = tf.slice(ex["image"], tf.concat([offset, [0]], 0),
-                   tf.concat([crop_hw, [-1]], 0))
-  label = tf.slice(ex["label"], offset, crop_hw)
-  return {**ex, "image": image, "label": label}
-
-
-def _crop_window(hw: tf.Tensor, seed, size: Size):
-  """(offset, size) int32 [2] each: the window random_crop draws in `hw`."""
   crop_h, crop_w = _pair(size, "size")
+  hw = tf.shape(ex["image"])[:2]
   crop_hw = tf.minimum(hw, [crop_h, crop_w])
   slack = hw - crop_hw
   u = tf.random.stateless_uniform([2], seed)
   offset = tf.cast(tf.floor(u * tf.cast(slack + 1, tf.float32)), tf.int32)
   offset = tf.minimum(offset, slack)  # Guards u * n rounding up to n.
-  return offset, crop_hw
-
-
-def random_scale_crop(ex: Example, scale_seed, crop_seed, scale_range, size: Size,
-                      base_size: Size | None = None) -> Example:
-  """random_crop(random_scale(ex, scale_seed, ...), crop_seed, size), cheaply.
-
-  The same draws and the same pixels (bilinear weights and nearest indices
-  computed as TensorFlow's resize kernels compute them, half-pixel
-  centres), but only the cropped window of the scaled image is computed,
-  from the source pixels it reads. random_scale builds the whole scaled
-  image first: up to 4096x2048 float32 pixels for a 2048x1024 Cityscapes
-  image at scale 2, to keep 1024x1024 of them.
-
-  Returns:
-    The example with image float32 [h, w, 3] and label int32 [h, w], at
-    most `size`.
-  """
-  hw = tf.shape(ex["image"])[:2]
-  new_hw = _scaled_size(ex, scale_seed, scale_range, base_size)
-  offset, crop_hw = _crop_window(new_hw, crop_seed, size)
-  y0, y1, y_lerp = _bilinear_taps(offset[0], crop_hw[0], hw[0], new_hw[0])
-  x0, x1, x_lerp = _bilinear_taps(offset[1], crop_hw[1], hw[1], new_hw[1])
-  image = tf.cast(ex["image"], tf.float32)
-  top, bottom = tf.gather(image, y0), tf.gather(image, y1)
-  x_lerp = x_lerp[:, None]
-  # TensorFlow's order of operations, so the float32 results agree.
-  top = tf.gather(top, x0, axis=1) + (
-      tf.gather(top, x1, axis=1) - tf.gather(top, x0, axis=1)) * x_lerp
-  bottom = tf.gather(bottom, x0, axis=1) + (
-      tf.gather(bottom, x1, axis=1) - tf.gather(bottom, x0, axis=1)) * x_lerp
-  image = top + (bottom - top) * y_lerp[:, None, None]
-  label = tf.gather(ex["label"], _nearest_taps(offset[0], crop_hw[0], hw[0], new_hw[0]))
-  label = tf.gather(label, _nearest_taps(offset[1], crop_hw[1], hw[1], new_hw[1]), axis=1)
+  image = tf.slice(ex["image"], tf.concat([offset, [0]], 0),
+                   tf.concat([crop_hw, [-1]], 0))
+  label = tf.slice(ex["label"], offset, crop_hw)
   return {**ex, "image": image, "label": label}
-
-
-def _bilinear_taps(start, count, in_size, out_size):
-  """(lower, upper int32 [count], lerp float32 [count]): the source pixels
-  and weight of output pixels start..start+count-1 of a bilinear resize
-  from in_size to out_size (TensorFlow's compute_interpolation_weights)."""
-  scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
-  src = (tf.cast(tf.range(start, start + count), tf.float32) + 0.5) * scale - 0.5
-  floor = tf.floor(src)
-  lower = tf.maximum(tf.cast(floor, tf.int32), 0)
-  upper = tf.minimum(tf.cast(tf.math.ceil(src), tf.int32), in_size - 1)
-  return lower, upper, src - floor
-
-
-def _nearest_taps(start, count, in_size, out_size):
-  """int32 [count]: the source pixel of each output pixel of a nearest
-  resize with half-pixel centres (TensorFlow's resize_nearest_neighbor)."""
-  scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
-  src = tf.floor((tf.cast(tf.range(start, start + count), tf.float32) + 0.5) * scale)
-  return tf.minimum(tf.cast(src, tf.int32), in_size - 1)
 
 
 def pad_to_size(ex: Example, size: Size, image_fill=0,
@@ -328,11 +265,9 @@ def train_transform(ex: Example, seed, crop_size: Size,
   crop_h, crop_w = _pair(crop_size, "crop_size")
   seeds = tf.random.experimental.stateless_split(seed, 4)
   ex = validate(ex)
-  if scale_range is not None:  # random_scale, then random_crop, in one step
-    ex = random_scale_crop(ex, seeds[0], seeds[1], scale_range, (crop_h, crop_w),
-                           base_size)
-  else:
-    ex = random_crop(ex, seeds[1], (crop_h, crop_w))
+  if scale_range is not None:
+    ex = random_scale(ex, seeds[0], scale_range, base_size)
+  ex = random_crop(ex, seeds[1], (crop_h, crop_w))
   if flip:
     ex = random_flip(ex, seeds[2])
   if photometric:

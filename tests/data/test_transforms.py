@@ -236,20 +236,3 @@ def test_validate_rejects_bad_examples(image, label, match):
 def test_bad_sizes_raise_config_error(size):
   with pytest.raises(errors.ConfigError):
     T.random_crop(_coordinate_example(), _seed(0), size)
-
-
-def test_random_scale_crop_equals_scale_then_crop():
-  """The fused op computes only the crop window, yet gives the very pixels
-  (and labels) of random_scale followed by random_crop, with the same draws."""
-  rng = np.random.default_rng(0)
-  for i in range(20):
-    h, w = (int(v) for v in rng.integers(5, 90, 2))
-    ex = {"image": tf.constant(rng.integers(0, 256, (h, w, 3)).astype(np.uint8)),
-          "label": tf.constant(rng.integers(0, 21, (h, w)).astype(np.int32))}
-    crop = tuple(int(v) for v in rng.integers(8, 64, 2))
-    base = (100, 80) if i % 2 else None
-    expected = T.random_crop(T.random_scale(ex, _seed(i, 1), (0.3, 2.5), base),
-                             _seed(i, 2), crop)
-    got = T.random_scale_crop(ex, _seed(i, 1), _seed(i, 2), (0.3, 2.5), crop, base)
-    np.testing.assert_array_equal(got["image"].numpy(), expected["image"].numpy())
-    np.testing.assert_array_equal(got["label"].numpy(), expected["label"].numpy())
