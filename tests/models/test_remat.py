@@ -19,7 +19,7 @@ FAMILIES = {
     "unet": ("unet", dict(depth=2, base_width=4), 16),
     "resnet": ("fcn_resnet50", dict(stage_sizes=(1, 1, 1, 1), width=4), 16),
     "segformer": ("segformer_b0", dict(
-        hidden_sizes=(8, 16), depths=(2, 1), num_heads=(1, 2), sr_ratios=(2, 1),
+        hidden_sizes=(8, 16), depths=(1, 1), num_heads=(1, 2), sr_ratios=(2, 1),
         mlp_ratios=(2, 2), patch_sizes=(7, 3), strides=(4, 2), decoder_width=8), 16),
     "setr": ("setr_naive", dict(width=16, depth=2, num_heads=2, channels=8,
                                 pretrain_grid=(2, 2), drop_path_rate=0.1), 16),
