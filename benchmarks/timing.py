@@ -19,8 +19,15 @@ PEAK_FLOPS = {
 }
 
 
+# Set (FLOP/s) to use instead of PEAK_FLOPS, e.g. by accelerator.py's
+# --peak-tflops for a device not in the table or a clock-limited one.
+PEAK_OVERRIDE = None
+
+
 def peak_flops(device, dtype):
   """The device's dense peak FLOP/s for `dtype` ("float32"/"bfloat16"), or None."""
+  if PEAK_OVERRIDE:
+    return PEAK_OVERRIDE
   for name, peaks in PEAK_FLOPS.items():
     if name.lower() in device.device_kind.lower():
       return peaks[dtype]

@@ -139,6 +139,8 @@ class DeepLabV2(nn.Module):
       CRF's image when no crf_image is given.
     dtype: compute dtype; params and logits are float32.
     bn_axis_name: pmap axis name for synchronised BatchNorm statistics.
+    remat: recompute the backbone's blocks in the backward pass instead of
+      storing their activations (segjax.models.remat).
   """
   num_classes: int
   stage_sizes: Sequence[int] = RESNET101
@@ -152,6 +154,7 @@ class DeepLabV2(nn.Module):
   std: Sequence[float] = IMAGENET_STD
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   def __post_init__(self):
     _check(self, (8, 16, 32))
@@ -183,7 +186,7 @@ class DeepLabV2(nn.Module):
       raise ValueError(f"images must be [N, H, W, C], got {images.shape}")
     features = ResNet(self.stage_sizes, self.width, self.output_stride,
                       frozen_bn=self.frozen_bn, dtype=self.dtype,
-                      bn_axis_name=self.bn_axis_name,
+                      bn_axis_name=self.bn_axis_name, remat=self.remat,
                       name="backbone")(images, train)
     scores = ASPPL(self.num_classes, self.rates, dtype=self.dtype,
                    name="aspp")(features["c5"])
@@ -220,6 +223,8 @@ class DeepLabV3(nn.Module):
     frozen_bn: the backbone's BN always uses its running statistics.
     dtype: compute dtype; params and logits are float32.
     bn_axis_name: pmap axis name for synchronised BatchNorm statistics.
+    remat: recompute the backbone's blocks in the backward pass instead of
+      storing their activations (segjax.models.remat).
   """
   num_classes: int
   stage_sizes: Sequence[int] = RESNET101
@@ -233,6 +238,7 @@ class DeepLabV3(nn.Module):
   frozen_bn: bool = False
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   def __post_init__(self):
     _check(self, (8, 16), self.multi_grid)
@@ -258,7 +264,7 @@ class DeepLabV3(nn.Module):
     features = ResNet(self.stage_sizes, self.width, self.output_stride,
                       self.multi_grid, frozen_bn=self.frozen_bn,
                       dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                      name="backbone")(images, train)
+                      remat=self.remat, name="backbone")(images, train)
     x = ASPP(self.atrous_rates, self.aspp_channels, self.dropout,
              dtype=self.dtype, bn_axis_name=self.bn_axis_name,
              name="aspp")(features["c5"], train)

@@ -151,6 +151,8 @@ class SegFormer(nn.Module):
     decoder_impl: "fast" or "concat" (see the module docstring).
     dtype: compute dtype; params, BN statistics and logits stay float32.
     bn_axis_name: pmap axis name for BatchNorm statistics.
+    remat: recompute the encoder's blocks in the backward pass instead of
+      storing their activations (segjax.models.remat).
   """
   num_classes: int
   hidden_sizes: Sequence[int] = mit.SIZES["b0"]["hidden_sizes"]
@@ -169,6 +171,7 @@ class SegFormer(nn.Module):
   decoder_impl: str = "fast"
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   def __post_init__(self):
     if self.decoder_impl not in DECODER_IMPLS:
@@ -197,7 +200,7 @@ class SegFormer(nn.Module):
 _ENCODER_OPTIONS = ("hidden_sizes", "depths", "num_heads", "sr_ratios",
                     "mlp_ratios", "patch_sizes", "strides", "drop_path_rate",
                     "layer_norm_eps", "attention_impl", "dwconv_impl",
-                    "dtype")
+                    "dtype", "remat")
 
 
 def encoder_options(model: SegFormer) -> dict:

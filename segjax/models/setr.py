@@ -234,6 +234,8 @@ class SETR(nn.Module):
     attention_impl: "auto", "xla", "cudnn" or "einsum".
     dtype: compute dtype; params, BN statistics and logits stay float32.
     bn_axis_name: pmap axis for BatchNorm statistics (None under jit).
+    remat: recompute the encoder's blocks in the backward pass instead of
+      storing their activations (segjax.models.remat).
   """
   num_classes: int
   decoder: str = "pup"
@@ -254,6 +256,7 @@ class SETR(nn.Module):
   attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   def __post_init__(self):
     # Configs read back from config.json hold lists; a module must hash
@@ -301,7 +304,7 @@ class SETR(nn.Module):
         final_norm=self.final_norm, drop_path_rate=self.drop_path_rate,
         pos_embed_antialias=self.pos_embed_antialias,
         attention_impl=self.attention_impl, dtype=self.dtype,
-        name="backbone")(images, train)
+        remat=self.remat, name="backbone")(images, train)
     gh, gw = features[0].shape[1:3]
     padded = (gh * PATCH, gw * PATCH)
 

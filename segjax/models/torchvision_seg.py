@@ -158,6 +158,8 @@ class _TorchvisionSegModel(nn.Module):
     dtype: compute dtype (bfloat16 on accelerators); params are float32 and
       the logits are returned in float32.
     bn_axis_name: pmap axis name for synchronised BatchNorm statistics.
+    remat: recompute the backbone's blocks in the backward pass instead of
+      storing their activations (segjax.models.remat).
   """
   num_classes: int
   aux: bool = False
@@ -166,6 +168,7 @@ class _TorchvisionSegModel(nn.Module):
   output_stride: int = 8
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   def __post_init__(self):
     if self.num_classes < 1:
@@ -176,7 +179,7 @@ class _TorchvisionSegModel(nn.Module):
   def _backbone(self) -> ResNet:
     return ResNet(self.stage_sizes, self.width, self.output_stride,
                   dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                  name="backbone")
+                  remat=self.remat, name="backbone")
 
   def _classifier(self, in_channels: int) -> nn.Module:
     """The main head on C5 (C5 has `in_channels`): each subclass's own."""

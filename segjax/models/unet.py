@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from segjax.errors import ConfigError
 from segjax.models import layers
+from segjax.models.remat import maybe_remat
 
 Array = jax.Array
 Dtype = Any
@@ -104,6 +105,8 @@ class UNet(nn.Module):
     dtype: compute dtype (bfloat16 on accelerators); params are float32 and
       the logits are returned in float32.
     bn_axis_name: pmap axis name for synchronised BatchNorm statistics.
+    remat: recompute each level's double conv in the backward pass instead
+      of storing its activations (segjax.models.remat).
   """
   num_classes: int
   depth: int = 4
@@ -114,6 +117,7 @@ class UNet(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   def __post_init__(self):
     choices = {"padding": ("same", "valid"),
@@ -167,7 +171,8 @@ class UNet(nn.Module):
       raise ValueError(f"images must be [N, H, W, C], got {images.shape}")
     _, h, w, _ = images.shape
     conv_padding = "SAME" if self.padding == "same" else "VALID"
-    block = lambda features, name: layers.DoubleConv(
+    double_conv = maybe_remat(layers.DoubleConv, self.remat, train_arg=True)
+    block = lambda features, name: double_conv(
         features, conv_padding, self.norm == "batch", self.dtype,
         self.bn_axis_name, name=name)
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
+from segjax.models.remat import maybe_remat
 from segjax.models.attention import (IMPLEMENTATIONS, DropPath, attention,
                                      drop_path_rates)
 
@@ -260,6 +261,8 @@ class MixTransformer(nn.Module):
     dwconv_impl: Mix-FFN's depthwise conv, "auto", "shift" or "xla" (see
       DepthwiseConv3x3).
     dtype: compute dtype (params stay float32).
+    remat: recompute each block's activations in the backward pass instead
+      of storing them (segjax.models.remat).
   """
   hidden_sizes: Sequence[int] = SIZES["b0"]["hidden_sizes"]
   depths: Sequence[int] = SIZES["b0"]["depths"]
@@ -273,6 +276,7 @@ class MixTransformer(nn.Module):
   attention_impl: str = "auto"
   dwconv_impl: str = "auto"
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   def __post_init__(self):
     fields = ("hidden_sizes", "depths", "num_heads", "sr_ratios",
@@ -326,6 +330,7 @@ class MixTransformer(nn.Module):
       (H_prev - 1) // 2 + 1 rows (PyTorch's sizes).
     """
     rates = drop_path_rates(self.drop_path_rate, self.depths)
+    block = maybe_remat(MiTBlock, self.remat, train_arg=True)
     x = images.astype(self.dtype)
     outputs = {}
     for s, name in enumerate(FEATURES[:len(self.depths)]):
@@ -333,7 +338,7 @@ class MixTransformer(nn.Module):
                             self.strides[s], self.dtype,
                             name=f"patch_embed{s}")(x)
       for b in range(self.depths[s]):
-        x = MiTBlock(self.num_heads[s], self.sr_ratios[s],
+        x = block(self.num_heads[s], self.sr_ratios[s],
                      self.mlp_ratios[s], rates[s][b], self.layer_norm_eps,
                      self.attention_impl, self.dwconv_impl, self.dtype,
                      name=f"block{s}_{b}")(x, train)

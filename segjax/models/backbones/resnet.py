@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from segjax.errors import ConfigError
 from segjax.models.layers import BN_EPSILON, BN_MOMENTUM
+from segjax.models.remat import maybe_remat
 
 Array = jax.Array
 Dtype = Any
@@ -144,6 +145,8 @@ class ResNet(nn.Module):
       in "params"; mask them in the optimiser to freeze them too.
     dtype: compute dtype; params and BN statistics stay float32.
     bn_axis_name: pmap axis name for synchronised BatchNorm statistics.
+    remat: recompute each Bottleneck's activations in the backward pass
+      instead of storing them (segjax.models.remat).
   """
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
@@ -152,6 +155,7 @@ class ResNet(nn.Module):
   frozen_bn: bool = False
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   def __post_init__(self):
     if len(self.stage_sizes) != 4 or min(self.stage_sizes) < 1:
@@ -205,9 +209,10 @@ class ResNet(nn.Module):
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     schedule = block_schedule(self.stage_sizes, self.output_stride,
                               self.multi_grid)
+    block = maybe_remat(Bottleneck, self.remat)
     for s, blocks in enumerate(schedule):
       for b, (stride, dilation) in enumerate(blocks):
-        x = Bottleneck(self.width * 2**s, stride, dilation, downsample=b == 0,
+        x = block(self.width * 2**s, stride, dilation, downsample=b == 0,
                        norm=norm, dtype=self.dtype,
                        name=f"layer{s + 1}_{b}")(x)
       outputs[f"c{s + 2}"] = x

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax.errors import ConfigError
+from segjax.models.remat import maybe_remat
 from segjax.models.attention import DropPath, attention, drop_path_rates
 from segjax.ops.resize import linear_indices
 
@@ -233,6 +234,8 @@ class ViT(nn.Module):
     attention_impl: segjax.models.attention.attention's implementation.
     dtype: compute dtype; params stay float32, position embeddings are
       resized in float32.
+    remat: recompute each block's activations in the backward pass instead
+      of storing them (segjax.models.remat).
   """
   width: int = 768
   depth: int = 12
@@ -248,6 +251,7 @@ class ViT(nn.Module):
   pos_embed_antialias: bool = False
   attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   def __post_init__(self):
     # Lists (e.g. from a config.json) would make the module unhashable.
@@ -295,9 +299,10 @@ class ViT(nn.Module):
     x = (x + grid_pos[None]).astype(self.dtype)
 
     rates = drop_path_rates(self.drop_path_rate, [self.depth])[0]
+    block = maybe_remat(Block, self.remat, train_arg=True)
     outputs = {}
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, rates[i], self.attention_impl,
+      x = block(self.num_heads, self.mlp_ratio, rates[i], self.attention_impl,
                 self.dtype, name=f"blocks_{i}")(x, train)
       if i in indices:
         outputs[i] = x

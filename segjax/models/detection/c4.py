@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from segjax.models.backbones import resnet as resnet_lib
 from segjax.models.layers import BN_EPSILON, BN_MOMENTUM
+from segjax.models.remat import maybe_remat
 
 Array = jax.Array
 Dtype = Any
@@ -50,12 +51,15 @@ class ResNetC4(nn.Module):
     frozen_bn: BatchNorm with fixed statistics (FrozenBatchNorm2d).
     dtype: compute dtype; params and BN statistics stay float32.
     bn_axis_name: pmap axis for synchronised BN (only without frozen_bn).
+    remat: recompute each Bottleneck's activations in the backward pass
+      instead of storing them (segjax.models.remat).
   """
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
   frozen_bn: bool = True
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   @property
   def strides(self) -> Dict[str, int]:
@@ -79,11 +83,11 @@ class ResNetC4(nn.Module):
     x = nn.relu(norm(name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     schedule = resnet_lib.block_schedule(self.stage_sizes)
+    bottleneck = maybe_remat(resnet_lib.Bottleneck, self.remat)
     for s, blocks in enumerate(schedule[:3]):
       for b, (stride, dilation) in enumerate(blocks):
-        x = resnet_lib.Bottleneck(self.width * 2**s, stride, dilation,
-                                  downsample=b == 0, norm=norm,
-                                  dtype=self.dtype, name=f"layer{s + 1}_{b}")(x)
+        x = bottleneck(self.width * 2**s, stride, dilation, downsample=b == 0,
+                       norm=norm, dtype=self.dtype, name=f"layer{s + 1}_{b}")(x)
     return {"c4": x}
 
 
@@ -97,12 +101,15 @@ class Res5Head(nn.Module):
     frozen_bn: BatchNorm with fixed statistics, as in the backbone.
     dtype: compute dtype; params and BN statistics stay float32.
     bn_axis_name: pmap axis for synchronised BN (only without frozen_bn).
+    remat: recompute each Bottleneck's activations in the backward pass
+      instead of storing them (segjax.models.remat).
   """
   num_blocks: int = 3
   width: int = 64
   frozen_bn: bool = True
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, pooled: Array, train: bool = False) -> Array:
@@ -112,8 +119,8 @@ class Res5Head(nn.Module):
     """
     norm = _norm(self.frozen_bn, train, self.dtype, self.bn_axis_name)
     x = pooled.astype(self.dtype)
+    bottleneck = maybe_remat(resnet_lib.Bottleneck, self.remat)
     for b in range(self.num_blocks):
-      x = resnet_lib.Bottleneck(self.width * 8, 2 if b == 0 else 1, 1,
-                                downsample=b == 0, norm=norm, dtype=self.dtype,
-                                name=f"layer4_{b}")(x)
+      x = bottleneck(self.width * 8, 2 if b == 0 else 1, 1, downsample=b == 0,
+                     norm=norm, dtype=self.dtype, name=f"layer4_{b}")(x)
     return x

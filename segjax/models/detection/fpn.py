@@ -95,6 +95,8 @@ class ResNetFPN(nn.Module):
       images give useless batch statistics).
     dtype: compute dtype; params and BN statistics stay float32.
     bn_axis_name: pmap axis for synchronised BN (only without frozen_bn).
+    remat: recompute each Bottleneck's activations in the backward pass
+      instead of storing them (segjax.models.remat).
   """
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
@@ -102,6 +104,7 @@ class ResNetFPN(nn.Module):
   frozen_bn: bool = True
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
 
   @property
   def strides(self) -> Dict[str, int]:
@@ -127,7 +130,8 @@ class ResNetFPN(nn.Module):
     """
     body = resnet_lib.ResNet(stage_sizes=self.stage_sizes, width=self.width,
                              frozen_bn=self.frozen_bn, dtype=self.dtype,
-                             bn_axis_name=self.bn_axis_name, name="body")
+                             bn_axis_name=self.bn_axis_name, remat=self.remat,
+                             name="body")
     c = body(images, train=train)
     pyramid = FeaturePyramidNetwork(self.out_channels, extra_max_pool=True,
                                     dtype=self.dtype, name="fpn")(

@@ -99,6 +99,8 @@ class MaskRCNNNetworks(nn.Module):
     dtype: compute dtype; params and BN statistics stay float32, logits and
       deltas come out float32.
     bn_axis_name: pmap axis for synchronised BN (only without frozen_bn).
+    remat: recompute the backbone's (and res5's) Bottlenecks in the backward
+      pass instead of storing their activations (segjax.models.remat).
     anchor_sizes: per RPN level, anchor sizes replacing the layout's
       (detectron2's ANCHOR_GENERATOR.SIZES), e.g. ((16,), (32,), (64,),
       (128,), (256,)) for small images; None keeps the layout's. The
@@ -116,6 +118,7 @@ class MaskRCNNNetworks(nn.Module):
   roi_impl: str = "gather"
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  remat: bool = False
   anchor_sizes: Optional[Tuple[Tuple[float, ...], ...]] = None
 
   def __post_init__(self):
@@ -144,7 +147,7 @@ class MaskRCNNNetworks(nn.Module):
   def setup(self):
     spec = self.spec
     common = dict(frozen_bn=self.frozen_bn, dtype=self.dtype,
-                  bn_axis_name=self.bn_axis_name)
+                  bn_axis_name=self.bn_axis_name, remat=self.remat)
     self.rpn_head = heads.RPNHead(
         len(spec.anchor_sizes[0]) * len(spec.aspect_ratios[0]), self.dtype)
     if self.layout == "fpn":
