@@ -14,8 +14,8 @@ old one) and XLA's scratch buffer for everything live in between
     peak = arguments + outputs - aliased + temp
 
 The step is the one `segjax train` compiles: segjax.train.steps.train_step
-(instance_train_step for Mask R-CNN) with the config file's model, loss and
-optimizer (its lr_mult and, for the detector, the frozen stages), the state
+with the config's task objective (Mask R-CNN's losses for detectors), model,
+loss and optimizer (its lr_mult and, for the detector, the frozen stages), the state
 donated. Rows: the per-device batch and crop of each paper's recipe.
 
 Where the figures come from: XLA:CPU's buffer assignment, compiled as an
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax import config as config_lib
-from segjax import losses, models
+from segjax import models, tasks
 from segjax.models.detection import mask_rcnn
 from segjax.models.remat import KEEP_REMAT
 from segjax.train import optim, steps
@@ -94,11 +94,8 @@ def abstract_inputs(name, model, tx, config, hw, n):
 
 def step_fn(name, model, tx, schedule, config):
   """The train step `segjax train` compiles for this config."""
-  if models.task(config.model) == "instance":
-    return functools.partial(steps.instance_train_step, model=model, tx=tx,
-                             schedule=schedule)
   return functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                           loss_fn=losses.make_loss(config.loss))
+                           objective=tasks.for_config(config, model, None).objective())
 
 
 def memory_row(name, dtype, remat):

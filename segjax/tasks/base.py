@@ -23,7 +23,8 @@ class Task:
   Args:
     config: the run's config.
     model: the built flax module (segjax.models.build).
-    par: segjax.train.parallel.Parallel, the devices and how steps compile.
+    par: segjax.train.parallel.Parallel, the devices and how steps compile
+      (None where only the objective is wanted, e.g. a benchmark).
   """
   name = ""
 

@@ -48,9 +48,16 @@ class SemanticTask(Task):
     super().__init__(config, model, par)
     self.segmenter = inference.Segmenter(
         model, inference.InferenceOptions.from_config(config.eval))
-    self.scorer = evaluation.ShardedScorer(
-        self.segmenter, config.num_classes, par.local_devices,
-        evaluation.per_device_images(config.eval.batch_size, par.num_devices))
+    self._scorer = None
+
+  @property
+  def scorer(self) -> evaluation.ShardedScorer:
+    """The per-image scorer on this process's devices (built when first used)."""
+    if self._scorer is None:
+      self._scorer = evaluation.ShardedScorer(
+          self.segmenter, self.config.num_classes, self.par.local_devices,
+          evaluation.per_device_images(self.config.eval.batch_size, self.par.num_devices))
+    return self._scorer
 
   def objective(self):
     return make_objective(losses.make_loss(self.config.loss))

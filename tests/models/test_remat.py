@@ -7,7 +7,6 @@ what the backward pass stores, never what it computes.
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from segjax import models
