@@ -32,7 +32,9 @@ from segjax import metrics
 from segjax.errors import DataError
 from segjax.inference import Segmenter
 
-AXIS = "images"
+# The training mesh's axis name: on one host the scorer's mesh then equals
+# the training mesh, and the replicated training state is used without a copy.
+AXIS = "data"
 # Device results are fetched and summed in int64 every this many calls
 # (int32 counts of one class pair could overflow over a large split).
 _FETCH_EVERY = 16

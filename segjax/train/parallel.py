@@ -102,6 +102,8 @@ class Parallel:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     if self.mode == "pmap":
       return self.host_state(variables)
+    if jax.process_count() == 1:  # Already replicated on this host's devices.
+      return variables
     return jax.tree_util.tree_map(lambda x: x.addressable_data(0), variables)
 
   def put_batch(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
