@@ -156,14 +156,15 @@ class Segmenter:
         scaled_shape = tuple(math.ceil(s * scale) for s in shape)
         scaled_valid = jnp.maximum(jnp.floor(valid * scale + 0.5), 1).astype(jnp.int32)
         scaled = region_resize.resize_region(canvas, scaled_shape, valid, scaled_valid)
-      for flip in (False, True) if self.options.flip else (False,):
-        x = region_resize.flip_region(scaled, scaled_valid[1]) if flip else scaled
-        probs = jax.nn.softmax(self._logits(variables, x, scaled_valid), axis=-1)
-        if flip:
-          probs = region_resize.flip_region(probs, scaled_valid[1])
-        if scale != 1.0:
-          probs = region_resize.resize_region(probs, shape, scaled_valid, valid)
-        total, runs = total + probs, runs + 1
+      x = scaled
+      if self.options.flip:  # The mirror image rides in the same batch.
+        x = jnp.concatenate([scaled, region_resize.flip_region(scaled, scaled_valid[1])])
+      probs = jax.nn.softmax(self._logits(variables, x, scaled_valid), axis=-1)
+      if self.options.flip:
+        probs = probs[:1] + region_resize.flip_region(probs[1:], scaled_valid[1])
+      if scale != 1.0:
+        probs = region_resize.resize_region(probs, shape, scaled_valid, valid)
+      total, runs = total + probs, runs + x.shape[0]
     inside = ((jnp.arange(shape[0]) < valid[0])[:, None]
               & (jnp.arange(shape[1]) < valid[1])[None, :])
     return jnp.where(inside[None, :, :, None], total / runs, 0.0)
@@ -172,7 +173,8 @@ class Segmenter:
     return self.model.apply(variables, images, train=False)["logits"].astype(jnp.float32)
 
   def _logits(self, variables, canvas, valid):
-    """Logits [1, Hc, Wc, K] of the image in canvas[:, :valid[0], :valid[1]]."""
+    """Logits [B, Hc, Wc, K] of the images in canvas[:, :valid[0], :valid[1]]
+    (B is 1, or 2 with the mirror image)."""
     if self.options.mode == "slide":
       return self._slide(variables, canvas, valid)
     if self.options.resize_to is None:
@@ -187,7 +189,7 @@ class Segmenter:
     one batch. Windows a smaller image does not need are computed and given
     weight 0 (the canvas fixes how many there can be)."""
     (ch, cw), (sh, sw) = self.options.crop_size, self.options.stride
-    height, width = canvas.shape[1:3]
+    batch, height, width, channels = canvas.shape
     # Where the canvas is smaller than a crop, the window is the canvas side:
     # mmsegmentation runs the model on the smaller patch, unpadded. (With
     # eval.bucket > 1 the canvas may still hold up to bucket - 1 pixels of
@@ -206,17 +208,18 @@ class Segmenter:
         weight = ((i < need_rows) & (j < need_cols)).astype(jnp.float32)
         corners.append((y, x, weight))
         crops.append(jax.lax.dynamic_slice(canvas, (0, y, x, 0),
-                                           (1, wh, ww, canvas.shape[3])))
+                                           (batch, wh, ww, channels)))
     logits = self._apply(variables, jnp.concatenate(crops))
-    total = jnp.zeros((1, height, width, logits.shape[-1]), jnp.float32)
-    count = jnp.zeros((1, height, width, 1), jnp.float32)
+    logits = logits.reshape(len(crops), batch, *logits.shape[1:])
+    total = jnp.zeros((batch, height, width, logits.shape[-1]), jnp.float32)
+    count = jnp.zeros((batch, height, width, 1), jnp.float32)
     for (y, x, weight), window in zip(corners, logits):
       at = (0, y, x, 0)
       total = jax.lax.dynamic_update_slice(
-          total, jax.lax.dynamic_slice(total, at, (1, wh, ww, total.shape[3]))
-          + weight * window[None], at)
+          total, jax.lax.dynamic_slice(total, at, (batch, wh, ww, total.shape[3]))
+          + weight * window, at)
       count = jax.lax.dynamic_update_slice(
-          count, jax.lax.dynamic_slice(count, at, (1, wh, ww, 1)) + weight, at)
+          count, jax.lax.dynamic_slice(count, at, (batch, wh, ww, 1)) + weight, at)
     return total / jnp.maximum(count, 1.0)
 
 
