@@ -31,7 +31,6 @@ batch fits on which device, what remat buys) to be confirmed on the device
 """
 import argparse
 import functools
-import json
 import sys
 import time
 
@@ -46,7 +45,7 @@ from segjax.models.remat import KEEP_REMAT
 from segjax.train import optim, steps
 from segjax.train.state import init_state
 
-from timing import fmt, median_time
+from timing import fmt, median_time, write_rows
 
 # name -> (config file, model_kwargs overrides, (H, W) per image, per-device batch)
 PLAN = {
@@ -186,10 +185,7 @@ def main(argv=None):
                else memory_row(name, dtype, remat))
         rows.append(row)
         print(" | ".join(fmt(row.get(k)) for k in columns), flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(dict(args=vars(args), device=jax.devices()[0].device_kind, rows=rows), f,
-                indent=1)
+  write_rows(args.out, args, rows)
   return rows
 
 

@@ -51,7 +51,6 @@ segjax's (> 1: segjax is faster).
 import argparse
 import ast
 import functools
-import json
 import os
 import sys
 
@@ -66,7 +65,7 @@ from segjax.tasks import instance, semantic
 from segjax.train import optim, steps
 from segjax.train.state import init_state
 
-from timing import compile_jax, fmt, median_time, peak_flops, peak_memory_mb
+from timing import compile_jax, fmt, median_time, peak_flops, peak_memory_mb, write_rows
 
 
 def _torchvision(builder):
@@ -441,10 +440,7 @@ def main(argv=None):
     row = bench_model(name, args)
     rows.append(row)
     print(" | ".join(fmt(row.get(k)) for k in COLUMNS), flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(dict(args=vars(args), device=jax.devices()[0].device_kind, rows=rows), f,
-                indent=1)
+  write_rows(args.out, args, rows)
   return rows
 
 

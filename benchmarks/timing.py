@@ -76,3 +76,12 @@ def fmt(value):
   if isinstance(value, float):
     return f"{value:.4g}"
   return str(value)
+
+
+def write_rows(path, args, rows):
+  """The benchmark's arguments, device and rows as JSON at `path` (if given)."""
+  if path:
+    import json
+    with open(path, "w") as f:
+      json.dump(dict(args=vars(args), device=jax.devices()[0].device_kind, rows=rows), f,
+                indent=1)

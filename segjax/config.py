@@ -193,6 +193,9 @@ def to_json(config):
 # The trainer settings of each dataset family, which every model's config on
 # that data starts from. One level only: a config file states its model and
 # whatever it changes, and `base_config` is the one other place to read.
+# Scale jitter and ImageNet normalisation, for ImageNet-initialised backbones.
+_IMAGENET_AUGMENT = dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
+                         std=(58.395, 57.12, 57.375))
 _DATASETS = {
     # The 2-core CPU budget: half-resolution training, scored at full size.
     "segjax_shapes": dict(
@@ -208,8 +211,7 @@ _DATASETS = {
     # normalisation for ImageNet-initialised backbones.
     "voc": dict(
         dataset="voc2012_segmentation/aug", num_classes=21, image_size=(512, 512),
-        augment=dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
-                     std=(58.395, 57.12, 57.375)),
+        augment=_IMAGENET_AUGMENT,
         train=dict(steps=40000, batch_size=16, log_every_steps=50),
         optimizer=dict(name="sgd", learning_rate=0.01, schedule="poly", warmup_steps=0,
                        weight_decay=5e-4),
@@ -220,8 +222,7 @@ _DATASETS = {
     # (mmsegmentation's Context-59 schedule).
     "pascal_context": dict(
         dataset="pascal_context/59", num_classes=59, image_size=(480, 480),
-        augment=dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
-                     std=(58.395, 57.12, 57.375)),
+        augment=_IMAGENET_AUGMENT,
         train=dict(steps=40000, batch_size=16, log_every_steps=50),
         optimizer=dict(name="sgd", learning_rate=0.004, schedule="poly", warmup_steps=0,
                        weight_decay=1e-4),
@@ -231,8 +232,7 @@ _DATASETS = {
     # poly decay over 80k steps, weight decay 5e-4 (mmsegmentation's schedule).
     "coco_stuff": dict(
         dataset="coco_instances/stuff", num_classes=171, image_size=(512, 512),
-        augment=dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
-                     std=(58.395, 57.12, 57.375)),
+        augment=_IMAGENET_AUGMENT,
         train=dict(steps=80000, batch_size=16, log_every_steps=50),
         optimizer=dict(name="sgd", learning_rate=0.01, schedule="poly", warmup_steps=0,
                        weight_decay=5e-4),
@@ -242,8 +242,7 @@ _DATASETS = {
     # batch 16, 160k steps, the schedule of SegFormer and SETR.
     "ade20k": dict(
         dataset="ade20k", num_classes=150, image_size=(512, 512),
-        augment=dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
-                     std=(58.395, 57.12, 57.375)),
+        augment=_IMAGENET_AUGMENT,
         train=dict(steps=160000, batch_size=16, log_every_steps=50),
         optimizer=dict(name="adamw", learning_rate=6e-5, schedule="poly", warmup_steps=1500,
                        weight_decay=0.01),
@@ -252,8 +251,7 @@ _DATASETS = {
     # Cityscapes fine (19 train ids): 1024x1024 crops, batch 8, 160k steps.
     "cityscapes": dict(
         dataset="cityscapes", num_classes=19, image_size=(1024, 1024),
-        augment=dict(scale_range=(0.5, 2.0), mean=(123.675, 116.28, 103.53),
-                     std=(58.395, 57.12, 57.375)),
+        augment=_IMAGENET_AUGMENT,
         train=dict(steps=160000, batch_size=8, log_every_steps=50),
         optimizer=dict(name="adamw", learning_rate=6e-5, schedule="poly", warmup_steps=1500,
                        weight_decay=0.01),
