@@ -98,9 +98,10 @@ def eval_examples(config, split=None, process_index=None, process_count=None):
     return out
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
-  # Labels are checked per image by the evaluation, which names the image.
   for example in streams.checked(ds, config, check=lambda *_: None):
-    yield example["name"].decode(), example["image"], example["label"]
+    name = example["name"].decode()
+    check_labels(example["label"], config.num_classes, f"{config.dataset} (image {name})")
+    yield name, example["image"], example["label"]
 
 
 def check_labels(labels, num_classes, dataset):
