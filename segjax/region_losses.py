@@ -12,7 +12,7 @@ They are registered in `segjax.losses.LOSSES`; the trainer selects them with
 `--config.loss.name=dice` etc.
 
 Under `parallel.mode="pmap"` they are still computed over the whole batch,
-as under jit: the train step goes through `segjax.losses.device_objective`,
+as under jit: the train step goes through `segjax.pmap_loss.device_objective`,
 which gathers the outputs for losses that are not a mean over pixels.
 """
 from typing import Any, Optional, Sequence, Tuple, Union

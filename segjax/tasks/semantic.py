@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import jax
 
-from segjax import evaluation, inference, losses, predict
+from segjax import evaluation, inference, losses, pmap_loss, predict
 from segjax.data import pipeline
 from segjax.tasks.base import Task
 from segjax.train import steps
@@ -30,7 +30,7 @@ def objective(model, variables, batch, key, axis_name=None, *, loss_fn):
                                   mutable=["batch_stats"], rngs={"dropout": key})
   # Under pmap, this device's part of the global loss: the psum of the
   # devices' gradients is the gradient jit computes, for every loss.
-  part, loss = losses.device_objective(loss_fn, outputs, batch, axis_name)
+  part, loss = pmap_loss.device_objective(loss_fn, outputs, batch, axis_name)
   if axis_name:  # `loss` is global; the step sums the devices' parts.
     loss = loss / jax.lax.psum(1, axis_name)
   return part, {"loss": loss}, new_vars.get("batch_stats", {})
