@@ -17,7 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from conftest import REPO, SMALL_DATASET
-from segjax import cli
+from segjax import cli, coco_eval
 from segjax import config as config_lib
 from segjax.data import builders, instances
 from segjax.data.builders import coco
@@ -145,6 +145,48 @@ def test_eval_and_predict(trained, tmp_path, capsys):
     assert det["name"] in ("circle", "rectangle", "triangle")
     x1, y1, x2, y2 = det["box"]
     assert 0 <= x1 <= x2 <= 80 and 0 <= y1 <= y2 <= 48
+
+
+_ADD_DETECTIONS = coco_eval.CocoEvaluator.add_detections
+
+
+def _detections_on(workdir, num_devices, monkeypatch, tmp_path):
+  """The test split's detections (as CocoEvaluator receives them) and scores
+  of the run's last checkpoint, evaluated on the first `num_devices`."""
+  seen = {}
+
+  def record(self, image_id, boxes, scores, classes, masks):
+    assert image_id not in seen, f"image {image_id} evaluated twice"
+    seen[image_id] = (boxes, scores, classes, masks)
+    _ADD_DETECTIONS(self, image_id, boxes, scores, classes, masks)
+  monkeypatch.setattr(coco_eval.CocoEvaluator, "add_detections", record)
+  config = config_lib.load_config(os.path.join(workdir, "config.json"),
+                                  ["eval.batch_size=6"])
+  with loop.Trainer(config, str(workdir), devices=jax.devices()[:num_devices]) as trainer:
+    state, _ = trainer.initial_state()
+    result = trainer.evaluate(state, "test")
+  return seen, result
+
+
+def test_sharded_evaluation_equals_one_device(trained, monkeypatch, tmp_path):
+  """The trained detector on the test split (8 images, batches of 6: a
+  padded last batch) over 4 devices and over 1: each image once, the same
+  detections and the same AP."""
+  one, one_result = _detections_on(trained, 1, monkeypatch, tmp_path)
+  four, four_result = _detections_on(trained, 4, monkeypatch, tmp_path)
+  assert sorted(four) == sorted(one) and len(one) == one_result["num_images"] == 8
+  assert sum(len(d[1]) for d in one.values()) > 0
+  for image_id, (boxes, scores, classes, masks) in one.items():
+    other = four[image_id]
+    # A device's batch is 1-2 images here and 6 there: XLA's convolutions
+    # round differently (boxes were seen 1 ulp apart), so near-equality;
+    # a pixel whose probability sits at 0.5 within that error may flip.
+    np.testing.assert_allclose(other[0], boxes, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(other[1], scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(other[2], classes)
+    assert np.mean(other[3] != masks) < 1e-3
+  for key in ("box_ap", "box_ap50", "mask_ap", "mask_ap50", "num_detections"):
+    assert four_result[key] == pytest.approx(one_result[key], abs=1e-6), key
 
 
 def test_too_few_classes_is_a_data_error(shapes_dir, tmp_path, capsys):
