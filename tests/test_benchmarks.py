@@ -38,3 +38,13 @@ def test_accelerator_smoke(tmp_path):
   assert rows["unet"]["torch_step_s"] > 0 and rows["unet"]["gflops"] > 0
   assert rows["roi_align fwd+bwd"]["torch_ratio"] > 0
   assert "| unet | float32 |" in (tmp_path / "accelerator.md").read_text()
+
+
+def test_bench_coco_eval_smoke(tmp_path):
+  """The host side of detector evaluation: every detection reaches pycocotools."""
+  import bench_coco_eval
+  out = tmp_path / "coco_eval.json"
+  row = bench_coco_eval.main(["--images", "3", "--detections", "5", "--json", str(out)])
+  assert row["num_detections"] == 15 and 0 <= row["mask_ap"] <= 1
+  assert row["peak_rss_gb"] >= row["peak_rss_gb_at_start"] > 0
+  assert json.loads(out.read_text())["rows"][0]["images"] == 3
