@@ -113,7 +113,10 @@ class ShardedScorer:
     stacked = [np.stack([g[i] for g in group]) for i in (1, 2, 3)]
     try:
       return self._call(variables, *stacked)
-    except Exception as e:  # Name the images; the cause stays attached.
+    # A runtime failure (an image too large for the device's memory) names
+    # its images; the cause stays attached. Anything else is a bug in
+    # segjax, not in the data, and keeps its own traceback.
+    except jax.errors.JaxRuntimeError as e:
       raise DataError(f"evaluation failed on image(s) {', '.join(names)}: "
                       f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
 

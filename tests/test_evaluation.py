@@ -142,3 +142,24 @@ def test_training_figure_is_segjax_eval_figure(dataset, data_dir, tmp_path):
     assert row["step"] == 2
     for key in ("miou", "pixel_accuracy", "per_class_iou", "num_pixels"):
       assert row[key] == in_loop[2][key], (processes, devices, key)
+
+
+@pytest.mark.parametrize("error,expected", [
+    (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"), DataError),
+    (TypeError("a bug"), TypeError)])
+def test_runtime_failure_names_its_images_and_a_bug_stays_a_bug(error, expected):
+  from segjax import evaluation, inference, models
+  segmenter = inference.Segmenter(models.build("unet", num_classes=2, base_width=4, depth=2,
+                                               padding="same"),
+                                  inference.InferenceOptions(mode="whole"))
+  scorer = evaluation.ShardedScorer(segmenter, 2, jax.devices()[:2])
+
+  def fail(*args):
+    raise error
+  scorer._call = fail
+  examples = [(f"img{i}.png", np.zeros((20, 30, 3), np.float32), np.zeros((20, 30), np.int32))
+              for i in range(3)]
+  with pytest.raises(expected) as caught:
+    scorer(None, examples)
+  if expected is DataError:
+    assert "img0.png, img1.png" in str(caught.value) and "out of memory" in str(caught.value)
