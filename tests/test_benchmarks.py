@@ -48,3 +48,13 @@ def test_bench_coco_eval_smoke(tmp_path):
   assert row["num_detections"] == 15 and 0 <= row["mask_ap"] <= 1
   assert row["peak_rss_gb"] >= row["peak_rss_gb_at_start"] > 0
   assert json.loads(out.read_text())["rows"][0]["images"] == 3
+
+
+def test_bench_overheads_smoke(tmp_path):
+  """segjax's step against a plain SGD closure (the U-Net: the detector's
+  three compiles of the same code would take a minute here)."""
+  import bench_overheads
+  rows = bench_overheads.main(["--smoke", "--models", "unet", "--steps", "1",
+                               "--rounds", "1", "--json", str(tmp_path / "o.json")])
+  assert [r["model"] for r in rows] == ["unet"]
+  assert all(r["plain_s"] > 0 and r["segjax_s"] > 0 for r in rows)
