@@ -50,7 +50,7 @@ import numpy as np
 import bench_models
 import bench_train
 import timing
-from segjax import ops
+from segjax import models, ops
 from timing import compile_jax, fmt, median_time, peak_flops
 
 SEMANTIC = ("deeplab_v3_resnet50", "fcn_resnet50", "segformer_b0", "segformer_b2",
@@ -77,7 +77,7 @@ def unet_row(dtype, args):
 def model_row(spec, dtype, args):
   """bench_models.py's row of a registry model (its PyTorch original included)."""
   name = bench_models.parse_spec(spec)[0]
-  detector = name.startswith("mask_rcnn")
+  detector = models.task(name) == "instance"
   ns = argparse.Namespace(size=None, batch=None, classes=None, instances=args.instances,
                           dtype=dtype, runs=args.runs, warmup=args.warmup, flops_only=False,
                           no_torch=args.no_torch)

@@ -38,8 +38,8 @@ def _parser():
   ev.add_argument("--split", help="split to evaluate (default: eval.split)")
   ev.add_argument("--step", type=int, help="checkpoint step (default: newest)")
   pr = sub.add_parser("predict", parents=[common],
-                      help="colour-coded masks and overlays (detectors: instance masks, "
-                      "boxes and labels) for image files")
+                      help="colour-coded masks and overlays (detectors: boxes, labels and, "
+                      "where the model has them, instance masks) for image files")
   pr.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
   pr.add_argument("--output", required=True, help="directory for the PNGs")
   pr.add_argument("--step", type=int, help="checkpoint step (default: newest)")

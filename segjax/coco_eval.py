@@ -5,7 +5,8 @@ ORIGINAL resolution, as plain Python data (boxes as lists, masks as compressed
 RLE with `str` counts), so each host can evaluate its share of the images and
 the states can be pickled, gathered and merged. `summary` builds the COCO
 ground-truth and result objects in memory and runs pycocotools' COCOeval for
-"bbox" and "segm", as torchvision's and detectron2's COCO evaluators do:
+"bbox" and "segm", as torchvision's and detectron2's COCO evaluators do
+(`iou_types=("bbox",)` scores boxes alone, for detectors without masks):
 
   * ground truth: category ids are the class ids 1..K, `area` is the mask's
     pixel area (COCO's annotations give the segmentation area, and COCOeval
@@ -35,8 +36,9 @@ Array = Any
 # Names of COCOeval.stats, in its order.
 _STAT_NAMES = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
                "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large")
-# (summary prefix, COCOeval iouType).
-_IOU_TYPES = (("box", "bbox"), ("mask", "segm"))
+# COCOeval iouType -> summary prefix, in summary order.
+_PREFIXES = {"bbox": "box", "segm": "mask"}
+IOU_TYPES = tuple(_PREFIXES)
 
 
 def _encode_masks(masks: np.ndarray) -> list:
@@ -64,7 +66,8 @@ def _xyxy_to_xywh(boxes: np.ndarray) -> list:
 
 class CocoEvaluator:
   """Accumulates ground truth and detections of images at their ORIGINAL
-  resolution, then runs pycocotools COCOeval for "bbox" and "segm".
+  resolution, then runs pycocotools COCOeval for "bbox" and "segm" (or
+  those of `iou_types`).
 
   Usage: `add_ground_truth` once per evaluated image (also images without
   objects: their detections are all false positives), `add_detections` for
@@ -74,14 +77,22 @@ class CocoEvaluator:
   """
 
   def __init__(self, num_classes: int,
-               class_names: Optional[Sequence[str]] = None):
+               class_names: Optional[Sequence[str]] = None,
+               iou_types: Sequence[str] = IOU_TYPES):
     """
     Args:
       num_classes: number of classes counting background, as torchvision's
         Mask R-CNN: the object classes are 1..K with K = num_classes - 1.
       class_names: optional names for the COCO categories, either K names
         (classes 1..K) or num_classes names whose first one is background.
+      iou_types: what `summary` scores, some of "bbox" and "segm" (both by
+        default). Without "segm", detections need no masks (a detector
+        without a mask head, e.g. Faster R-CNN).
     """
+    unknown = sorted(set(iou_types) - set(IOU_TYPES))
+    if unknown or not iou_types:
+      raise ValueError(f"iou_types must be some of {IOU_TYPES}, got {tuple(iou_types)}")
+    self.iou_types = tuple(t for t in IOU_TYPES if t in iou_types)
     num_classes = int(num_classes)
     if num_classes < 2:
       raise ValueError(f"num_classes counts background and must be >= 2, "
@@ -152,7 +163,7 @@ class CocoEvaluator:
                        "iscrowd": int(is_crowd), "segmentation": rle})
 
   def add_detections(self, image_id: int, boxes: Array, scores: Array,
-                     classes: Array, masks: Array) -> None:
+                     classes: Array, masks: Optional[Array] = None) -> None:
     """Adds detections on one image (more calls for one image append).
 
     Args:
@@ -163,7 +174,8 @@ class CocoEvaluator:
         and class.
       classes: [D] int in 1..K.
       masks: [D, H, W] bool (or 0/1 integer) masks, already pasted and
-        thresholded at the image's original size.
+        thresholded at the image's original size; needed when "segm" is
+        scored, unused otherwise (None).
     """
     image_id = int(image_id)
     scores = np.asarray(scores, np.float64).reshape(-1)
@@ -172,21 +184,27 @@ class CocoEvaluator:
     classes = np.asarray(classes).reshape(-1).astype(np.int64)
     if classes.shape[0] != d:
       raise ValueError(f"{classes.shape[0]} detection classes for {d} scores")
-    # The image size is checked in summary(): the ground truth may come later.
-    masks = _check_masks(masks, d, "detection", None)
     self._check_classes(classes, "detection")
-    for box, score, cls, rle in zip(_xyxy_to_xywh(boxes), scores, classes,
-                                    _encode_masks(masks)):
-      self._dt.append({"image_id": image_id, "category_id": int(cls),
-                       "bbox": box, "score": float(score),
-                       "segmentation": rle})
+    rles = [None] * d
+    if "segm" in self.iou_types:
+      if masks is None:
+        raise ValueError("detection masks are needed to score \"segm\"; pass "
+                         "them, or make the evaluator with iou_types=(\"bbox\",)")
+      # The image size is checked in summary(): the ground truth may come later.
+      rles = _encode_masks(_check_masks(masks, d, "detection", None))
+    for box, score, cls, rle in zip(_xyxy_to_xywh(boxes), scores, classes, rles):
+      det = {"image_id": image_id, "category_id": int(cls), "bbox": box,
+             "score": float(score)}
+      if rle is not None:
+        det["segmentation"] = rle
+      self._dt.append(det)
 
   # --- Multi-host ------------------------------------------------------------
 
   def state(self) -> dict:
     """Everything accumulated, as plain Python lists / dicts / str (picklable
     and JSON-serialisable), for `merge` on another evaluator."""
-    return {"num_classes": self.num_classes,
+    return {"num_classes": self.num_classes, "iou_types": list(self.iou_types),
             "images": copy.deepcopy(self._images),
             "ground_truth": copy.deepcopy(self._gt),
             "detections": copy.deepcopy(self._dt)}
@@ -194,13 +212,18 @@ class CocoEvaluator:
   def merge(self, other_state: dict) -> None:
     """Adds another evaluator's `state()` (e.g. another host's images).
 
-    Raises ValueError if the class counts differ or an image was added on
-    both sides (it would count twice).
+    Raises ValueError if the class counts or the iou types differ (the
+    detections would lack masks, or carry unused ones) or an image was
+    added on both sides (it would count twice).
     """
     if int(other_state["num_classes"]) != self.num_classes:
       raise ValueError(f"cannot merge a state with num_classes="
                        f"{other_state['num_classes']} into one with "
                        f"{self.num_classes}")
+    if tuple(other_state["iou_types"]) != self.iou_types:
+      raise ValueError(f"cannot merge a state with iou_types="
+                       f"{tuple(other_state['iou_types'])} into one with "
+                       f"{self.iou_types}")
     ids = [img["id"] for img in other_state["images"]]
     twice = sorted(self._image_ids.intersection(ids))
     if twice or len(set(ids)) != len(ids):
@@ -221,7 +244,7 @@ class CocoEvaluator:
         raise ValueError(f"detections for image_id {det['image_id']}, which "
                          "has no add_ground_truth (images without objects "
                          "must be added too, with G = 0)")
-      if det["segmentation"]["size"] != sizes[det["image_id"]]:
+      if "segmentation" in det and det["segmentation"]["size"] != sizes[det["image_id"]]:
         raise ValueError(
             f"detection mask of image_id {det['image_id']} is "
             f"{det['segmentation']['size']}, the image is "
@@ -268,14 +291,15 @@ class CocoEvaluator:
     return gt.loadRes(anns)
 
   def summary(self, verbose: bool = False) -> dict:
-    """Runs COCOeval for boxes and masks.
+    """Runs COCOeval for boxes and masks (the evaluator's `iou_types`).
 
     Args:
       verbose: let pycocotools print its progress and summary tables
         (silenced by default).
 
     Returns:
-      A dict (JSON-ready), for prefix in ("box", "mask"):
+      A dict (JSON-ready), for prefix "box" ("bbox") and "mask" ("segm"),
+      those of `iou_types`:
         f"{prefix}_ap", _ap50, _ap75, _ap_small, _ap_medium, _ap_large,
         _ar1, _ar10, _ar100, _ar_small, _ar_medium, _ar_large: the 12
           COCOeval.stats as floats, NaN where undefined (pycocotools' -1:
@@ -289,7 +313,7 @@ class CocoEvaluator:
     k = self.num_classes - 1
     if not self._images:
       # COCOeval has nothing to evaluate; every metric is undefined.
-      for prefix, _ in _IOU_TYPES:
+      for prefix in (_PREFIXES[t] for t in self.iou_types):
         out.update({f"{prefix}_{n}": float("nan") for n in _STAT_NAMES})
         out[f"{prefix}_per_class_ap"] = [float("nan")] * k
       return out
@@ -297,7 +321,8 @@ class CocoEvaluator:
              else contextlib.redirect_stdout(io.StringIO()))
     with quiet:
       gt = self._ground_truth_coco()
-      for prefix, iou_type in _IOU_TYPES:
+      for iou_type in self.iou_types:
+        prefix = _PREFIXES[iou_type]
         ev = COCOeval(gt, self._results_coco(gt, iou_type), iouType=iou_type)
         # Every added image counts, also those without ground truth (their
         # detections are false positives) or without detections.

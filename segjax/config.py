@@ -257,7 +257,7 @@ _DATASETS = {
                        weight_decay=0.01),
         eval=dict(every_steps=16000, batch_size=2, resize_to=None),
         checkpoint=dict(every_steps=16000)),
-    # COCO 2017 instances (80 classes + background) for Mask R-CNN: the
+    # COCO 2017 instances (80 classes + background) for Mask / Faster R-CNN: the
     # paper's 1x schedule, 90k steps of batch 16, SGD 0.02 divided by 10 at
     # 60k and 80k, 1000 warmup steps; images resized to 800 (short) / 1333
     # (long) on a 1344 x 1344 canvas (config.instances).
@@ -358,6 +358,15 @@ _TINY_RESNET = dict(stage_sizes=(1, 1, 1, 1), width=8)
 _TINY_SEGFORMER = dict(hidden_sizes=(8, 16, 16, 16), depths=(1, 1, 1, 1),
                        num_heads=(1, 2, 2, 2), decoder_width=16)
 _TINY_SETR = dict(width=32, depth=4, num_heads=2, pretrain_grid=(2, 2), channels=8)
+# Mask / Faster R-CNN from scratch (see apply_mode): BatchNorm trained,
+# every stage trained, few proposals and rois.
+_TINY_DETECTOR = dict(
+    stage_sizes=(1, 1, 1, 1), width=16, fpn_channels=64, representation_size=256,
+    frozen_bn=False, trainable_backbone_layers=5,
+    anchor_sizes=((16,), (32,), (64,), (128,), (256,)),
+    rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=32,
+    rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=16,
+    box_batch_size_per_image=32, box_detections_per_img=10)
 TINY_MODEL_KWARGS = {
     "unet": dict(base_width=4, depth=2),
     "unet_pp": dict(base_width=4, depth=2),
@@ -374,15 +383,8 @@ TINY_MODEL_KWARGS = {
     **{f"segformer_b{i}": _TINY_SEGFORMER for i in range(6)},
     "setr_naive": _TINY_SETR, "setr_pup": _TINY_SETR,
     "setr_mla": dict(_TINY_SETR, mla_head_channels=8),
-    # Mask R-CNN from scratch (see apply_mode): BatchNorm trained, every
-    # stage trained, few proposals and rois.
-    "mask_rcnn_r50_fpn": dict(
-        stage_sizes=(1, 1, 1, 1), width=16, fpn_channels=64, representation_size=256,
-        mask_channels=64, frozen_bn=False, trainable_backbone_layers=5,
-        anchor_sizes=((16,), (32,), (64,), (128,), (256,)),
-        rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=32,
-        rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=16,
-        box_batch_size_per_image=32, box_detections_per_img=10),
+    "mask_rcnn_r50_fpn": dict(_TINY_DETECTOR, mask_channels=64),
+    "faster_rcnn_r50_fpn": _TINY_DETECTOR,
 }
 TINY_SIDE = 32  # training crop of semantic models (detectors: a 64 canvas)
 TINY_STEPS = 4

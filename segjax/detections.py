@@ -1,7 +1,7 @@
 """A detector's output for one image, mapped from the canvas it ran on to
-the image as stored: boxes scaled, mask probabilities pasted and
-thresholded at 0.5 (torchvision's `transform.postprocess` and
-`paste_masks_in_image`).
+the image as stored: boxes scaled, mask probabilities (of a detector with
+masks) pasted and thresholded at 0.5 (torchvision's `transform.postprocess`
+and `paste_masks_in_image`).
 """
 import functools
 import math
@@ -28,23 +28,25 @@ def to_original(detections: Dict[str, np.ndarray], image_size: Sequence[int],
 
   Args:
     detections: numpy "boxes" [D,4], "scores" [D], "classes" [D], "valid"
-      [D], "mask_probs" [D,M,M] (the detector's `paste=False` output, one
-      image).
+      [D] and, from a detector with masks, "mask_probs" [D,M,M] (the
+      detector's `paste=False` output, one image).
     image_size: (h, w) of the resized image on the canvas.
     orig_size: (H, W) of the image as stored.
 
   Returns:
     "boxes" [n,4] float32 (x1, y1, x2, y2) in original pixels, "scores"
-    [n], "classes" [n] int32 and "masks" [n,H,W] bool, for the n valid
-    detections, best first.
+    [n], "classes" [n] int32 and, with "mask_probs", "masks" [n,H,W] bool,
+    for the n valid detections, best first.
   """
   (h, w), (big_h, big_w) = (int(x) for x in image_size), (int(x) for x in orig_size)
   scale = np.array([big_w / w, big_h / h, big_w / w, big_h / h], np.float32)
   boxes = detections["boxes"].astype(np.float32) * scale
-  frame = tuple(math.ceil(x / PASTE_BUCKET) * PASTE_BUCKET for x in (big_h, big_w))
-  masks = np.asarray(_paste(detections["mask_probs"], boxes, detections["valid"], frame,
-                            np.array([big_h, big_w], np.int32)))
   keep = np.asarray(detections["valid"], bool)
-  return {"boxes": boxes[keep], "scores": detections["scores"][keep],
-          "classes": detections["classes"][keep].astype(np.int32),
-          "masks": masks[keep, :big_h, :big_w]}
+  out = {"boxes": boxes[keep], "scores": detections["scores"][keep],
+         "classes": detections["classes"][keep].astype(np.int32)}
+  if "mask_probs" in detections:
+    frame = tuple(math.ceil(x / PASTE_BUCKET) * PASTE_BUCKET for x in (big_h, big_w))
+    masks = np.asarray(_paste(detections["mask_probs"], boxes, detections["valid"], frame,
+                              np.array([big_h, big_w], np.int32)))
+    out["masks"] = masks[keep, :big_h, :big_w]
+  return out

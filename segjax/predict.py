@@ -61,6 +61,9 @@ def instance_files(model, variables, config, paths: Sequence[str], output_dir: s
                            threshold): box (x1, y1, x2, y2) pixels, score,
                            class id and name
 
+  A detector without masks (Faster R-CNN) draws boxes and labels only and
+  writes no instance-id map: no pixel belongs to a box-only detection.
+
   Images are resized and padded as in evaluation (config.instances), and
   the detections mapped back to the file's own size.
 
@@ -84,17 +87,20 @@ def instance_files(model, variables, config, paths: Sequence[str], output_dir: s
     dets = detections.to_original({k: v[0] for k, v in out.items()}, image_size,
                                   image.shape[:2])
     stem = _stem(output_dir, path)
+    masks = dets.get("masks")
     drawn = viz.draw_instances(image, dets["boxes"], dets["classes"], dets["scores"],
-                               dets["masks"], names, score_thresh=score_thresh)
-    ids = viz.instance_map(dets["masks"], dets["scores"], score_thresh)
+                               masks, names, score_thresh=score_thresh)
     viz.save_png(f"{stem}_instances.png", drawn)
-    viz.save_png(f"{stem}_instance_ids.png", np.minimum(ids, 255).astype(np.uint8),
-                 viz.palette(256))
+    written.append(f"{stem}_instances.png")
+    if masks is not None:
+      ids = viz.instance_map(masks, dets["scores"], score_thresh)
+      viz.save_png(f"{stem}_instance_ids.png", np.minimum(ids, 255).astype(np.uint8),
+                   viz.palette(256))
+      written.append(f"{stem}_instance_ids.png")
     rows = [json.dumps({"box": [round(float(v), 2) for v in box], "score": round(float(p), 4),
                         "class": int(c), "name": names[int(c)]})
             for box, p, c in zip(dets["boxes"], dets["scores"], dets["classes"])]
     with open(f"{stem}_detections.json", "w") as f:  # One detection a line.
       f.write("[\n" + ",\n".join(rows) + "\n]\n")
-    written += [f"{stem}_instances.png", f"{stem}_instance_ids.png",
-                f"{stem}_detections.json"]
+    written.append(f"{stem}_detections.json")
   return written

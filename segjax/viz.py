@@ -171,7 +171,8 @@ def instance_map(masks, scores, score_thresh: float = 0.5, *,
 def draw_instances(image, boxes, classes, scores, masks, class_names=None, *,
                    score_thresh: float = 0.5, alpha: float = 0.5,
                    colours=None) -> np.ndarray:
-  """Draws detections (masks, boxes and labels) over an image.
+  """Draws detections (masks, boxes and labels; boxes and labels alone
+  without masks) over an image.
 
   Each detection with score >= `score_thresh` and class > 0 gets its mask
   blended in a colour of its own (per instance, not per class, so touching
@@ -191,7 +192,8 @@ def draw_instances(image, boxes, classes, scores, masks, class_names=None, *,
     classes: [D] int class ids in 1..K; 0 is padding / no detection.
     scores: [D] float scores.
     masks: [D, H, W] bool, at the image's size (integers: nonzero is in;
-      floats: >= 0.5 is in).
+      floats: >= 0.5 is in); None for a detector without masks (Faster
+      R-CNN): nothing is blended.
     class_names: sequence indexed by class id (index 0 = background), or
       None; labels then show the id. Ids past its end also show the id.
     score_thresh: detections scoring lower are not drawn.
@@ -215,8 +217,11 @@ def draw_instances(image, boxes, classes, scores, masks, class_names=None, *,
   image = _as_rgb(image, "draw_instances")
   if np.size(scores) == 0:
     return image.copy()
-  masks, scores, keep = _instances(masks, scores, classes, score_thresh,
-                                   "draw_instances")
+  if masks is None:
+    scores, keep = _kept(scores, classes, score_thresh, "draw_instances")
+  else:
+    masks, scores, keep = _instances(masks, scores, classes, score_thresh,
+                                     "draw_instances")
   num = len(scores)
   boxes = np.asarray(boxes, np.float64)
   if boxes.shape != (num, 4):
@@ -224,7 +229,7 @@ def draw_instances(image, boxes, classes, scores, masks, class_names=None, *,
         f"draw_instances: boxes must be [D, 4] (x1, y1, x2, y2) for the "
         f"{num} scores, got {list(boxes.shape)}.")
   classes = np.asarray(classes).reshape(-1).astype(np.int64)
-  if masks.shape[1:] != image.shape[:2]:
+  if masks is not None and masks.shape[1:] != image.shape[:2]:
     raise errors.DataError(
         f"draw_instances: masks {list(masks.shape)} and image "
         f"{list(image.shape[:2])} differ in size; paste / resize the masks "
@@ -235,12 +240,14 @@ def draw_instances(image, boxes, classes, scores, masks, class_names=None, *,
              else _as_palette(colours))
   instance_colours = colours[np.arange(num) % len(colours)]
 
-  ids = instance_map(masks, scores, score_thresh, classes=classes)
-  covered = ids > 0
-  blended = image.astype(np.float32)
-  colour = instance_colours[ids[covered] - 1].astype(np.float32)
-  blended[covered] = (1.0 - alpha) * blended[covered] + alpha * colour
-  out = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+  out = Image.fromarray(image.copy())  # Drawing must not touch the caller's image.
+  if masks is not None:
+    ids = instance_map(masks, scores, score_thresh, classes=classes)
+    covered = ids > 0
+    blended = image.astype(np.float32)
+    colour = instance_colours[ids[covered] - 1].astype(np.float32)
+    blended[covered] = (1.0 - alpha) * blended[covered] + alpha * colour
+    out = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
 
   height, width = image.shape[:2]
   line = 2 if min(height, width) >= 128 else 1
@@ -271,6 +278,12 @@ def _instances(masks, scores, classes, score_thresh, where):
     masks = masks >= 0.5
   else:
     masks = masks.astype(bool)
+  return (masks,) + _kept(scores, classes, score_thresh, where)
+
+
+def _kept(scores, classes, score_thresh, where):
+  """Checks scores [D] and classes [D] (or None); returns (scores, keep)."""
+  scores = np.asarray(scores, np.float64).reshape(-1)
   keep = scores >= score_thresh  # False for NaN.
   if classes is not None:
     classes = np.asarray(classes).reshape(-1)
@@ -279,7 +292,7 @@ def _instances(masks, scores, classes, score_thresh, where):
           f"{where}: {len(classes)} classes for {len(scores)} scores; both "
           "are [D].")
     keep &= classes > 0
-  return masks, scores, keep
+  return scores, keep
 
 
 def _draw_order(scores, keep):

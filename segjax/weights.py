@@ -17,8 +17,8 @@ Hugging Face nvidia/mit-b*).
 then takes every tensor the checkpoint has and initialises the rest.
 `vgg16_into` / `resnet_into` put converted torchvision ImageNet backbones
 into a model's variables (the registry models with such a backbone are
-VGG_BACKBONES and RESNET_BACKBONES, the four Mask R-CNN variants among
-them); `mit_into` puts Hugging Face's MiT encoders (nvidia/mit-b*) into the
+VGG_BACKBONES and RESNET_BACKBONES, the Mask and Faster R-CNN variants
+among them); `mit_into` puts Hugging Face's MiT encoders (nvidia/mit-b*) into the
 SegFormer models (MIT_BACKBONES); `vit_into` puts timm's ViTs
 (vit_base/large_patch16_384) into the SETR models (VIT_BACKBONES).
 """
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax import convert, models
+from segjax.models.detection import mask_rcnn
 from segjax.errors import CheckpointError, ConfigError
 
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
@@ -87,7 +88,7 @@ def init_checkpoint(model: str, state_dict: Mapping[str, Any], num_classes: int,
 
   Returns:
     {"params": ..., "batch_stats": ...}: the whole model's variables, or
-    only the backbone subtree (and the C4 Mask R-CNNs' res5, their ROI
+    only the backbone subtree (and the C4 detectors' res5, their ROI
     head's share of the ResNet); the trainer initialises the rest.
   """
   model_kwargs = dict(model_kwargs or {})
@@ -227,7 +228,8 @@ def _to_dicts(tree):
 
 # Where torchvision's ImageNet ResNet weights go in the ResNet-based registry
 # models: model -> path of their ResNet subtree (backbones.resnet.ResNet; in
-# the C4 Mask R-CNNs detection.c4.ResNetC4, the stem and layer1..3 only).
+# the C4 Mask / Faster R-CNNs detection.c4.ResNetC4, the stem and layer1..3
+# only).
 RESNET_BACKBONES = {
     "deeplab_v2": ("backbone",),
     "deeplab_v3": ("backbone",),
@@ -236,18 +238,14 @@ RESNET_BACKBONES = {
     "deeplab_v3_resnet50": ("backbone",),
     "fcn_resnet101": ("backbone",),
     "deeplab_v3_resnet101": ("backbone",),
-    "mask_rcnn_r50_fpn": ("backbone", "body"),
-    "mask_rcnn_r101_fpn": ("backbone", "body"),
-    "mask_rcnn_r50_c4": ("backbone",),
-    "mask_rcnn_r101_c4": ("backbone",),
+    **{name: ("backbone", "body") if spec["layout"] == "fpn" else ("backbone",)
+       for name, spec in mask_rcnn.VARIANTS.items()},
 }
 # Models that run the ResNet's last stage (torchvision's layer4) apart from
 # the backbone: model -> path of that stage's blocks (layer4_{b}). The C4
-# Mask R-CNNs run it as their ROI head, detection.c4.Res5Head.
-RESNET_LAST_STAGES = {
-    "mask_rcnn_r50_c4": ("res5",),
-    "mask_rcnn_r101_c4": ("res5",),
-}
+# detectors run it as their ROI head, detection.c4.Res5Head.
+RESNET_LAST_STAGES = {name: ("res5",) for name, spec in mask_rcnn.VARIANTS.items()
+                      if spec["layout"] == "c4"}
 _RESNET_CONVERTERS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
 _LAST_STAGE = "layer4_"
 
@@ -286,8 +284,8 @@ def resnet_into(name: str, variables: Mapping[str, Any],
   torchvision's resnet50 / resnet101 the model takes follows from its
   blocks per stage; the model must have the default width (64).
 
-  Mask R-CNN (`models.build("mask_rcnn_r50_fpn", 91)` and its r101 / C4
-  variants): the ResNet is params/backbone/body in the FPN variants; the
+  Mask and Faster R-CNN (`models.build("mask_rcnn_r50_fpn", 91)` and its
+  r101 / C4 / faster_rcnn_* variants): the ResNet is params/backbone/body in the FPN variants; the
   C4 variants take conv1 .. layer3 into params/backbone and layer4 into
   their ROI head, params/res5 (RESNET_LAST_STAGES). BatchNorm scales and
   biases go to params, running means and variances to batch_stats, with

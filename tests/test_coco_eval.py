@@ -200,7 +200,7 @@ def random_case(seed, n_images=8, k=3):
   return images
 
 
-def fill(ev, images):
+def fill(ev, images, detection_masks=True):
   for image_id, h, w, gt, dets in images:
     ev.add_ground_truth(
         image_id, h, w,
@@ -213,7 +213,7 @@ def fill(ev, images):
           image_id, np.array([b for _, _, b, _ in dets]),
           np.array([s for _, s, _, _ in dets]),
           np.array([c for c, _, _, _ in dets]),
-          np.stack([m for _, _, _, m in dets]))
+          np.stack([m for _, _, _, m in dets]) if detection_masks else None)
 
 
 def box_iou(a, b):
@@ -365,3 +365,38 @@ def test_input_errors_and_quiet_output(capsys):
   assert capsys.readouterr().out == ""
   quiet.summary(verbose=True)
   assert "Average Precision" in capsys.readouterr().out
+
+
+# --- 6. Boxes alone (a detector without masks) -----------------------------------
+
+def test_box_only_evaluator_scores_boxes_as_the_full_one():
+  """iou_types=("bbox",): detections without masks, box_* keys alone, equal
+  to the full evaluator's box figures (the ground truth's areas are still
+  the masks', as COCO's annotations give them)."""
+  images = random_case(0)
+  both = CocoEvaluator(num_classes=4)
+  fill(both, images)
+  boxes = CocoEvaluator(num_classes=4, iou_types=("bbox",))
+  fill(boxes, images, detection_masks=False)
+  got = boxes.summary()
+  assert_same_summary(got, {k: v for k, v in both.summary().items()
+                            if not k.startswith("mask_")})
+  assert 0.05 < got["box_ap"] < 0.99
+  empty = CocoEvaluator(num_classes=3, iou_types=("bbox",)).summary()
+  assert not any(k.startswith("mask_") for k in empty) and math.isnan(empty["box_ap"])
+
+
+def test_box_only_evaluator_errors():
+  with pytest.raises(ValueError, match="iou_types"):
+    CocoEvaluator(num_classes=3, iou_types=("keypoints",))
+  with pytest.raises(ValueError, match="iou_types"):
+    CocoEvaluator(num_classes=3, iou_types=())
+  both = CocoEvaluator(num_classes=3)
+  add_image(both, 1, 16, 16, [(1, (0, 0, 8, 8))])
+  with pytest.raises(ValueError, match="masks are needed"):
+    both.add_detections(1, [[0, 0, 8, 8]], [0.5], [1])
+  # Merged states must score the same: box-only detections carry no masks.
+  boxes = CocoEvaluator(num_classes=3, iou_types=("bbox",))
+  add_image(boxes, 2, 16, 16, [(1, (0, 0, 8, 8))])
+  with pytest.raises(ValueError, match="iou_types"):
+    both.merge(boxes.state())

@@ -96,6 +96,9 @@ MODULES = {
         _torchvision("segmentation.deeplabv3_resnet50", **_SEG), ()),
     "deeplab_v3_resnet101": (
         _torchvision("segmentation.deeplabv3_resnet101", **_SEG), ()),
+    "fasterrcnn_resnet50_fpn": (_torchvision(
+        "detection.fasterrcnn_resnet50_fpn", weights=None,
+        weights_backbone=None), ()),
     "maskrcnn_resnet50_fpn": (_torchvision(
         "detection.maskrcnn_resnet50_fpn", weights=None,
         weights_backbone=None), ()),
@@ -119,6 +122,7 @@ NUMERICAL_PARITY = {
     "vgg16_fc": "test_convert.py::test_vgg16_fc_parity",
     "fcn_resnet50": "test_convert.py::test_segmentation_parity",
     "deeplab_v3_resnet50": "test_convert.py::test_segmentation_parity",
+    "fasterrcnn_resnet50_fpn": "models/detection/test_fasterrcnn_parity.py",
     "maskrcnn_resnet50_fpn": "models/detection/test_maskrcnn_parity.py",
     "segformer_b0": "test_convert_huggingface.py::test_segformer_b0_parity",
     "segformer_b2": ("test_convert_huggingface.py::"

@@ -176,6 +176,20 @@ def test_draw_instances_label_text_uses_class_names():
   assert (bare[:30] != image[:30]).any()
 
 
+def test_draw_instances_without_masks_draws_boxes_and_labels_alone():
+  """A box-only detector (masks None): as with empty masks, nothing blended."""
+  image = _scene(seed=2)
+  boxes = np.array([[10., 30., 50., 50.], [60., 20., 90., 70.]])
+  classes, scores = np.array([1, 2]), np.array([0.9, 0.3])
+  empty = np.zeros((2,) + image.shape[:2], bool)
+  out = viz.draw_instances(image, boxes, classes, scores, None, ["bg", "a", "b"])
+  np.testing.assert_array_equal(
+      out, viz.draw_instances(image, boxes, classes, scores, empty, ["bg", "a", "b"]))
+  assert (out != image).any() and not np.shares_memory(out, image)
+  with pytest.raises(errors.DataError, match="classes"):
+    viz.draw_instances(image, boxes, classes[:1], scores, None)
+
+
 def test_draw_instances_skips_low_scores_and_class_zero():
   image = _scene(seed=1)
   # Box 0's label goes inside it (no room above): keep its mask lower down.

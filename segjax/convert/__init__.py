@@ -76,6 +76,10 @@ def from_torch(name: str, state_dict: Mapping[str, Any],
       from them, see `segjax.weights.vgg16_into`. "segformer_b0".."b5" /
       "mit_b0".."b5": Hugging Face SegFormer / MiT state dicts, see
       segjax.convert.huggingface.
+      "maskrcnn_resnet50_fpn" / "fasterrcnn_resnet50_fpn": torchvision
+      detection state dicts -> detection.networks.MaskRCNNNetworks
+      variables, with or without the mask head: those of the registry's
+      "mask_rcnn_r50_fpn" / "faster_rcnn_r50_fpn".
     state_dict: str -> numpy array or torch tensor.
     **kwargs: model options. Segmentation models: num_classes (default: read
       from the checkpoint's final conv), aux (default: whether the checkpoint

@@ -1,6 +1,6 @@
 """Mapping tables for torchvision models: the ResNet and VGG ImageNet
-backbones, fcn_resnet50/101, deeplabv3_resnet50/101 and
-maskrcnn_resnet50_fpn."""
+backbones, fcn_resnet50/101, deeplabv3_resnet50/101,
+fasterrcnn_resnet50_fpn and maskrcnn_resnet50_fpn."""
 import re
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -184,15 +184,13 @@ def fpn_rows(torch_prefix: str, flax_path: Tuple[str, ...],
   return rows
 
 
-def maskrcnn_rows(stage_sizes: Sequence[int],
-                  mask_layers: int = 4) -> List[engine.Row]:
-  """Rows for torchvision's MaskRCNN with a ResNet-FPN backbone.
+def fasterrcnn_rows(stage_sizes: Sequence[int]) -> List[engine.Row]:
+  """Rows for torchvision's FasterRCNN with a ResNet-FPN backbone.
 
-  Into detection.networks.MaskRCNNNetworks(layout="fpn"). fc6's weight
-  [1024, C*7*7] flattens an NCHW ROI (C, H, W); kind "fc_as_conv7" reshapes
-  it to the [7, 7, C, 1024] kernel BoxHead's fc6 contracts over NHWC (H, W,
-  C). conv5_mask (a ConvTranspose2d) takes kind "conv": heads.
-  ConvTranspose2x2 keeps its kernel in that layout.
+  Into detection.networks.MaskRCNNNetworks(layout="fpn", masks=False).
+  fc6's weight [1024, C*7*7] flattens an NCHW ROI (C, H, W); kind
+  "fc_as_conv7" reshapes it to the [7, 7, C, 1024] kernel BoxHead's fc6
+  contracts over NHWC (H, W, C).
   """
   rows = resnet_rows("backbone.body", ("backbone", "body"), stage_sizes)
   rows += fpn_rows("backbone.fpn", ("backbone", "fpn"), 4)
@@ -205,6 +203,19 @@ def maskrcnn_rows(stage_sizes: Sequence[int],
             ("box_head", "predictor", "cls_score"), "linear"),
            ("roi_heads.box_predictor.bbox_pred",
             ("box_head", "predictor", "bbox_pred"), "linear")]
+  return rows
+
+
+def maskrcnn_rows(stage_sizes: Sequence[int],
+                  mask_layers: int = 4) -> List[engine.Row]:
+  """Rows for torchvision's MaskRCNN with a ResNet-FPN backbone: its
+  FasterRCNN's (`fasterrcnn_rows`) and the mask branch's.
+
+  Into detection.networks.MaskRCNNNetworks(layout="fpn"). conv5_mask (a
+  ConvTranspose2d) takes kind "conv": heads.ConvTranspose2x2 keeps its
+  kernel in that layout.
+  """
+  rows = fasterrcnn_rows(stage_sizes)
   rows += [(f"roi_heads.mask_head.{i}.0", ("mask_head", f"mask_fcn{i + 1}"),
             "conv") for i in range(mask_layers)]
   rows += [("roi_heads.mask_predictor.conv5_mask",
@@ -240,36 +251,43 @@ def _rename_legacy(state):
   return out
 
 
-def _maskrcnn_resnet50_fpn(state, num_classes=None, frozen_bn_eps=None,
-                           **kwargs):
-  """torchvision maskrcnn_resnet50_fpn -> MaskRCNNNetworks(layout="fpn").
+def _rcnn_resnet50_fpn(masks: bool):
+  """The converter of torchvision's maskrcnn_resnet50_fpn (masks) or
+  fasterrcnn_resnet50_fpn (not): the same rows, less the mask branch's."""
+  def mapping(state, num_classes=None, frozen_bn_eps=None, **kwargs):
+    """torchvision {mask,faster}rcnn_resnet50_fpn -> MaskRCNNNetworks(layout="fpn").
 
-  Args:
-    state: its state_dict() (FrozenBatchNorm2d or BatchNorm2d backbone), or
-      a legacy-named checkpoint file's contents.
-    num_classes: background included; default: the checkpoint's (91 for
-      COCO), or torchvision's default 91 for an empty state.
-    frozen_bn_eps: the epsilon the checkpoint's FrozenBatchNorm2d layers ran
-      with, when not segjax's 1e-5: torchvision's COCO_V1 weights set it to
-      0 (`overwrite_eps(model, 0.0)`), so pass 0.0 for them. Folded into the
-      running variances (var + eps - 1e-5), which is exact up to float32
-      rounding.
-    **kwargs: other MaskRCNNNetworks options (e.g. dtype).
-  """
-  state = _rename_legacy(state)
-  head_key = "roi_heads.box_predictor.cls_score.weight"
-  if num_classes is None:
-    num_classes = int(state[head_key].shape[0]) if head_key in state else 91
-  if frozen_bn_eps is not None and frozen_bn_eps != layers.BN_EPSILON:
-    shift = frozen_bn_eps - layers.BN_EPSILON
-    state = {k: (v + shift if k.startswith("backbone.body.")
-                 and k.endswith(".running_var") else v)
-             for k, v in state.items()}
-  model = detection_networks.MaskRCNNNetworks(
-      num_classes=num_classes, layout="fpn", **kwargs)
-  hints = engine.classes_hint(state, head_key, num_classes)
-  return engine.Conversion(model, maskrcnn_rows(model.stage_sizes), state,
-                           hints)
+    Args:
+      state: its state_dict() (FrozenBatchNorm2d or BatchNorm2d backbone),
+        or a legacy-named checkpoint file's contents.
+      num_classes: background included; default: the checkpoint's (91 for
+        COCO), or torchvision's default 91 for an empty state.
+      frozen_bn_eps: the epsilon the checkpoint's FrozenBatchNorm2d layers
+        ran with, when not segjax's 1e-5: torchvision's COCO_V1 weights set
+        it to 0 (`overwrite_eps(model, 0.0)`), so pass 0.0 for them. Folded
+        into the running variances (var + eps - 1e-5), which is exact up to
+        float32 rounding.
+      **kwargs: other MaskRCNNNetworks options (e.g. dtype); `masks` is
+        the converter's.
+    """
+    state = _rename_legacy(state)
+    head_key = "roi_heads.box_predictor.cls_score.weight"
+    if num_classes is None:
+      num_classes = int(state[head_key].shape[0]) if head_key in state else 91
+    if frozen_bn_eps is not None and frozen_bn_eps != layers.BN_EPSILON:
+      shift = frozen_bn_eps - layers.BN_EPSILON
+      state = {k: (v + shift if k.startswith("backbone.body.")
+                   and k.endswith(".running_var") else v)
+               for k, v in state.items()}
+    model = detection_networks.MaskRCNNNetworks(
+        num_classes=num_classes, layout="fpn", masks=masks, **kwargs)
+    hints = engine.classes_hint(state, head_key, num_classes)
+    if not masks and any(k.startswith("roi_heads.mask_") for k in state):
+      hints.append("the checkpoint has a mask branch (roi_heads.mask_*): "
+                   "convert it as maskrcnn_resnet50_fpn.")
+    rows = (maskrcnn_rows if masks else fasterrcnn_rows)(model.stage_sizes)
+    return engine.Conversion(model, rows, state, hints)
+  return mapping
 
 
 TORCHVISION: Dict[str, Callable[..., engine.Conversion]] = {
@@ -282,7 +300,8 @@ TORCHVISION: Dict[str, Callable[..., engine.Conversion]] = {
     "vgg16": _vgg(False),
     "vgg16_bn": _vgg(True),
     "vgg16_fc": _vgg16_fc,
-    "maskrcnn_resnet50_fpn": _maskrcnn_resnet50_fpn,
+    "fasterrcnn_resnet50_fpn": _rcnn_resnet50_fpn(masks=False),
+    "maskrcnn_resnet50_fpn": _rcnn_resnet50_fpn(masks=True),
 }
 
 

@@ -9,10 +9,11 @@ as `model.apply(variables, images [N, H, W, 3], train=...)`, it returns a dict
 with "logits" [N, H, W, num_classes] float32 at the input resolution, plus
 optional extra heads. tests/models/test_contract.py checks every entry here.
 
-Instance segmentation models (Mask R-CNN's variants) are in DETECTORS: they
-take images and return detections (segjax.models.detection.mask_rcnn), so
-they have their own contract and their own task (segjax/tasks/instance.py);
-`task(name)` tells the two kinds apart and `build` builds either.
+Detectors (Mask R-CNN's variants, and Faster R-CNN's: the same without the
+mask branch) are in DETECTORS: they take images and return detections
+(segjax.models.detection.mask_rcnn), so they have their own contract and
+their own task (segjax/tasks/instance.py); `task(name)` tells the two kinds
+apart and `build` builds either.
 
 To add a model, import its module and add one line to MODELS; size variants
 are `functools.partial`s of the same class.
@@ -69,9 +70,10 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
-# Mask R-CNN variants: num_classes counts the background (91 for COCO).
+# Mask R-CNN and Faster R-CNN variants: num_classes counts the background
+# (91 for COCO).
 DETECTORS: Dict[str, Callable[..., nn.Module]] = {
-    name: functools.partial(mask_rcnn.build_mask_rcnn, name)
+    name: functools.partial(mask_rcnn.build_detector, name)
     for name in mask_rcnn.VARIANTS}
 
 

@@ -1,4 +1,5 @@
-"""Instance segmentation (Mask R-CNN): the paper's losses, COCO AP.
+"""Instance segmentation (Mask R-CNN) and detection (Faster R-CNN): the
+papers' losses, COCO AP.
 
 Training reads segjax.data.instances' stream; frozen parameters
 (mask_rcnn.trainable_mask) get no update. Evaluation follows torchvision's
@@ -7,6 +8,8 @@ canvas, sharded over every device of every host; each detection's box is
 scaled back to the image as stored and its mask pasted there
 (segjax.detections); pycocotools then scores boxes and masks against the
 ground truth at that resolution, crowd regions included, on process 0.
+A detector without masks (`model.masks` False: Faster R-CNN) trains without
+the masks on the device and is scored on boxes alone.
 """
 import functools
 from typing import Callable, Dict, List, Optional, Sequence
@@ -21,13 +24,25 @@ from segjax.tasks.base import Task
 from segjax.train import optim
 
 # The keys of an instance batch the compiled steps read; the rest (crowd,
-# num_dropped, int64 ids) stays on the host.
+# num_dropped, int64 ids) stays on the host, and so do the masks of a
+# detector without masks (`train_keys`).
 TRAIN_KEYS = ("image", "image_size", "boxes", "classes", "masks", "valid")
 EVAL_KEYS = ("image", "image_size", "orig_size", "mask", "image_id")
 
 
+def train_keys(model):
+  """TRAIN_KEYS, less "masks" for a detector without masks: [B,G,H,W] on
+  the canvas, the batch's largest array, which its losses never read."""
+  return TRAIN_KEYS if model.masks else tuple(k for k in TRAIN_KEYS if k != "masks")
+
+
+def iou_types(model):
+  """What COCO scores: boxes and masks, or boxes alone without masks."""
+  return coco_eval.IOU_TYPES if model.masks else ("bbox",)
+
+
 def objective(model, variables, batch, key, axis_name=None):
-  """Mask R-CNN's summed losses of one batch (steps.Objective).
+  """The detector's summed losses of one batch (steps.Objective).
 
   Under jit the losses are normalised over the global batch, as one
   torchvision process with the whole batch. Under pmap each device
@@ -37,7 +52,7 @@ def objective(model, variables, batch, key, axis_name=None):
   Args:
     batch: segjax.data.instances' training batch: "image" [B,H,W,3],
       "image_size" [B,2], "boxes" [B,G,4], "classes" [B,G], "masks"
-      [B,G,H,W], "valid" [B,G].
+      [B,G,H,W] (with model.masks), "valid" [B,G].
     key: the anchor and ROI samplers' key.
   """
   out, updates = mask_rcnn.train_losses(model, variables, batch, key)
@@ -58,7 +73,7 @@ def detect_step(state, batch, *, model, axis_name=None):
   Returns:
     The batch's "image_size", "image_id", "orig_size" and "mask" with the
     detector's "boxes" [B,D,4], "scores" [B,D], "classes" [B,D], "valid"
-    [B,D] and "mask_probs" [B,D,M,M] (each in its box's frame).
+    [B,D] and, with masks, "mask_probs" [B,D,M,M] (each in its box's frame).
   """
   del axis_name
   dets = model.apply({"params": state.params, "batch_stats": state.batch_stats},
@@ -95,7 +110,8 @@ class InstanceTask(Task):
     return objective
 
   def train_batches(self, start_step):
-    return (step_inputs(b, TRAIN_KEYS)
+    keys = train_keys(self.model)
+    return (step_inputs(b, keys)
             for b in instances.train_batches(self.config, start_step=start_step))
 
   @property
@@ -114,14 +130,16 @@ class InstanceTask(Task):
       out = self.par.gather(self.detect_fn(
           state, self.par.put_batch(step_inputs(batch, EVAL_KEYS))))
       for i in np.flatnonzero(out["mask"]):
-        one = {k: out[k][i] for k in ("boxes", "scores", "classes", "valid", "mask_probs")}
+        one = {k: out[k][i] for k in ("boxes", "scores", "classes", "valid", "mask_probs")
+               if k in out}
         yield int(out["image_id"][i]), one, out["image_size"][i], out["orig_size"][i]
 
   def _ground_truth_state(self, split):
     """The split's ground truth as a CocoEvaluator state, read and encoded
     once per run (it is the same at every evaluation)."""
     if split not in self._ground_truth:
-      gt = coco_eval.CocoEvaluator(self.config.num_classes)
+      gt = coco_eval.CocoEvaluator(self.config.num_classes,
+                                   iou_types=iou_types(self.model))
       for ex in ground_truth.instance_ground_truth(self.config, split):
         gt.add_ground_truth(ex["image_id"], ex["height"], ex["width"], ex["boxes"],
                             ex["classes"], ex["masks"], ex["crowd"])
@@ -129,8 +147,9 @@ class InstanceTask(Task):
     return self._ground_truth[split]
 
   def evaluate(self, state, split, progress: Optional[Callable] = None) -> Dict:
-    """COCO box and mask AP (coco_eval.CocoEvaluator.summary keys) on
-    process 0; other processes return {}."""
+    """COCO box and mask AP, or box AP alone without masks
+    (coco_eval.CocoEvaluator.summary keys) on process 0; other processes
+    return {}."""
     images = self._detections(state, split)
     if progress is not None:
       images = progress(images)
@@ -139,30 +158,35 @@ class InstanceTask(Task):
         pass
       return {}
     evaluator = coco_eval.CocoEvaluator(self.config.num_classes,
-                                        ground_truth.class_names(self.config))
+                                        ground_truth.class_names(self.config),
+                                        iou_types(self.model))
     for image_id, one, image_size, orig_size in images:
       dets = detections.to_original(one, image_size, orig_size)
       evaluator.add_detections(image_id, dets["boxes"], dets["scores"], dets["classes"],
-                               dets["masks"])
+                               dets.get("masks"))
     evaluator.merge(self._ground_truth_state(split))
     return evaluator.summary()
 
   def describe_eval(self):
-    return "COCO box and mask AP"
+    return "COCO box and mask AP" if self.model.masks else "COCO box AP"
 
   def summary_line(self, result):
     if not result:
       return ""
+    box = f"box AP {result['box_ap']:.4f} | box AP50 {result['box_ap50']:.4f}"
+    if not self.model.masks:
+      return box
     return (f"mask AP {result['mask_ap']:.4f} | mask AP50 {result['mask_ap50']:.4f} | "
-            f"box AP {result['box_ap']:.4f} | box AP50 {result['box_ap50']:.4f}")
+            + box)
 
   def report(self, result) -> List[str]:
     if not result:
       return []
     names = ground_truth.class_names(self.config)
+    kind = "mask" if self.model.masks else "box"
     per_class = ", ".join(f"{n} {v:.3f}"
-                          for n, v in zip(names[1:], result["mask_per_class_ap"]))
-    return [f"per-class mask AP: {per_class}"]
+                          for n, v in zip(names[1:], result[f"{kind}_per_class_ap"]))
+    return [f"per-class {kind} AP: {per_class}"]
 
   def predict_files(self, variables, paths: Sequence[str], output_dir: str):
     return predict.instance_files(self.model, variables, self.config, paths, output_dir)

@@ -1,8 +1,9 @@
 """Training and evaluating a detector through segjax's loop and CLI:
 frozen params stay put, one compiled step serves every instance count,
 detections map back to the stored image (perfect ones score AP 1.0 through
-the loop's evaluation), and train / eval / predict run on
-configs/mask_rcnn_shapes.py:tiny."""
+the loop's evaluation, boxes alone for Faster R-CNN), train / eval /
+predict run on configs/mask_rcnn_shapes.py:tiny, and a detector without
+masks predicts boxes."""
 import functools
 import json
 import os
@@ -21,9 +22,9 @@ from segjax import cli, coco_eval
 from segjax import config as config_lib
 from segjax.data import builders, instances
 from segjax.data.builders import coco
-from segjax.models.detection.mask_rcnn import TINY, build_mask_rcnn, trainable_mask
+from segjax.models.detection.mask_rcnn import TINY, build_detector, trainable_mask
 from segjax.models.detection.postprocess import paste_boxes, paste_masks
-from segjax import detections
+from segjax import detections, predict
 from segjax.tasks import instance
 from segjax.train import loop, optim, steps
 from segjax.train.state import init_state
@@ -54,7 +55,7 @@ def _batch(counts, seed):
 
 
 def test_step_freezes_params_and_compiles_once():
-  model = build_mask_rcnn("mask_rcnn_r50_fpn", 4, **TINY)  # 3 trainable layers
+  model = build_detector("mask_rcnn_r50_fpn", 4, **TINY)  # 3 trainable layers
   # Weight decay would move frozen params if they went through the optimizer.
   tx = optim.freeze(optax.adamw(1e-2, weight_decay=0.5),
                     functools.partial(trainable_mask, model))
@@ -97,6 +98,12 @@ def test_to_original_scales_boxes_and_pastes_at_the_stored_size():
   assert out["masks"].shape == (4, 100, 150) and out["masks"].dtype == bool
   np.testing.assert_array_equal(out["masks"], want)
   assert out["masks"].sum() > 0
+  # A detector without masks: the same boxes, scores and classes, no masks.
+  boxes_only = detections.to_original({k: v for k, v in dets.items() if k != "mask_probs"},
+                                      (50, 75), (100, 150))
+  assert set(boxes_only) == {"boxes", "scores", "classes"}
+  for k, v in boxes_only.items():
+    np.testing.assert_array_equal(v, out[k])
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +194,51 @@ def test_sharded_evaluation_equals_one_device(trained, monkeypatch, tmp_path):
     assert np.mean(other[3] != masks) < 1e-3
   for key in ("box_ap", "box_ap50", "mask_ap", "mask_ap50", "num_detections"):
     assert four_result[key] == pytest.approx(one_result[key], abs=1e-6), key
+
+
+def test_a_detector_without_masks_trains_and_scores_without_them():
+  faster = build_detector("faster_rcnn_r50_fpn", 4, **TINY)
+  assert instance.train_keys(faster) == tuple(k for k in instance.TRAIN_KEYS if k != "masks")
+  assert instance.iou_types(faster) == ("bbox",)
+  masked = build_detector("mask_rcnn_r50_fpn", 4, **TINY)
+  assert instance.train_keys(masked) == instance.TRAIN_KEYS
+  assert instance.iou_types(masked) == ("bbox", "segm")
+
+
+class _BoxOnlyDetector:
+  """A stand-in for a detector without masks (Faster R-CNN's outputs): one
+  "rectangle" at canvas pixels (8, 4, 40, 24) and an empty slot, whatever
+  the image."""
+  masks = False
+
+  def apply(self, variables, images, image_size, train=False, paste=True):
+    del variables, image_size, train, paste
+    n = images.shape[0]
+    one = {"boxes": [[8.0, 4.0, 40.0, 24.0], [0.0] * 4], "scores": [0.9, 0.0],
+           "classes": [2, 0], "valid": [True, False]}
+    return {k: jnp.tile(jnp.asarray(v)[None], (n,) + (1,) * jnp.asarray(v).ndim)
+            for k, v in one.items()}
+
+
+def test_predict_without_masks_writes_boxes_and_no_id_map(shapes_dir, tmp_path):
+  config = config_lib.load_config(
+      os.path.join(REPO, "configs", "faster_rcnn_shapes.py:tiny"),
+      [f"dataset={SMALL_DATASET}", f"data_dir={shapes_dir}"])
+  image = np.full((48, 80, 3), 90, np.uint8)
+  Image.fromarray(image).save(tmp_path / "photo.png")
+  out_dir = tmp_path / "out"
+  written = predict.instance_files(_BoxOnlyDetector(), {}, config,
+                                   [str(tmp_path / "photo.png")], str(out_dir))
+  assert [os.path.basename(p) for p in written] == ["photo_instances.png",
+                                                     "photo_detections.json"]
+  drawn = np.asarray(Image.open(out_dir / "photo_instances.png"))
+  assert drawn.shape == (48, 80, 3) and (drawn != image).any()
+  with open(out_dir / "photo_detections.json") as f:
+    found = json.load(f)
+  # 48 x 80 is resized to 38 x 64 on the 64-pixel canvas: x comes back
+  # x 80 / 64, y x 48 / 38.
+  assert found == [{"box": [10.0, 5.05, 50.0, 30.32], "score": 0.9, "class": 2,
+                    "name": "rectangle"}]
 
 
 def test_too_few_classes_is_a_data_error(shapes_dir, tmp_path, capsys):
@@ -296,9 +348,9 @@ def perfect_coco(tmp_path_factory):
   return str(data_dir), patterns
 
 
-def _perfect_config(data_dir, mode):
+def _perfect_config(data_dir, mode, config="mask_rcnn_shapes.py"):
   return config_lib.load_config(
-      os.path.join(REPO, "configs", "mask_rcnn_shapes.py:tiny"),
+      os.path.join(REPO, "configs", f"{config}:tiny"),
       ["dataset=coco_instances", f"data_dir={data_dir}", "num_classes=81",
        "instances.min_size=(48,)", "instances.max_size=64", "instances.canvas=64,64",
        "eval.batch_size=8", f"parallel.mode={mode}"])
@@ -326,12 +378,12 @@ def _canvas_ground_truth(config, patterns):
   return truth
 
 
-def _perfect_detect_step(truth, answer_for):
+def _perfect_detect_step(truth, answer_for, masks=True):
   """A stand-in for tasks.instance.detect_step (same signature, compiled and sharded
   the same way by the Trainer) whose detections for the image with id i are
-  image answer_for[i]'s ground truth, score 1, in canvas pixels. Padding
-  slots (image_id -1) get the first image's answer: only the batch's "mask"
-  may keep them out of the score."""
+  image answer_for[i]'s ground truth, score 1, in canvas pixels (with masks:
+  their mask patterns too). Padding slots (image_id -1) get the first
+  image's answer: only the batch's "mask" may keep them out of the score."""
   ids = np.array(list(answer_for), np.int32)
   table = [np.stack([truth[answer_for[i]][k] for i in answer_for]) for k in range(4)]
 
@@ -340,8 +392,9 @@ def _perfect_detect_step(truth, answer_for):
     row = jnp.argmax(batch["image_id"][:, None] == ids[None, :], axis=1)
     boxes, classes, valid, probs = (jnp.asarray(t)[row] for t in table)
     passed = {k: batch[k] for k in ("image_size", "image_id", "orig_size", "mask")}
-    return {**passed, "boxes": boxes, "scores": valid.astype(jnp.float32),
-            "classes": classes, "valid": valid, "mask_probs": probs}
+    out = {**passed, "boxes": boxes, "scores": valid.astype(jnp.float32),
+           "classes": classes, "valid": valid}
+    return {**out, "mask_probs": probs} if masks else out
   return detect_step
 
 
@@ -354,25 +407,31 @@ def _evaluate_with(config, tmp_path, monkeypatch, detect_step, num_devices):
 
 # 8 devices: a batch of 8 real images, then 3 real and 5 padding; 3 devices:
 # batches rounded up to 9, 9 real then 2 real and 7 padding; 1 device: as 8.
-@pytest.mark.parametrize("num_devices,mode", [(8, "jit"), (3, "pmap"), (1, "jit")])
+# Faster R-CNN's config: the same evaluation, of boxes alone.
+@pytest.mark.parametrize("num_devices,mode,config", [
+    (8, "jit", "mask_rcnn_shapes.py"), (3, "pmap", "mask_rcnn_shapes.py"),
+    (1, "jit", "mask_rcnn_shapes.py"), (8, "jit", "faster_rcnn_shapes.py")])
 def test_perfect_detections_score_ap_one(perfect_coco, tmp_path, monkeypatch,
-                                         num_devices, mode):
+                                         num_devices, mode, config):
   """The evaluation `segjax train` and `segjax eval` run for detectors, on
   any number of devices with a padded last batch, gives box and mask AP 1.0
-  to a detector that answers the ground truth in the canvas frame; the same
-  answers given to the wrong images score near 0. So image ids, padding,
-  and the mapping of boxes and masks back to each image's stored size are
-  right."""
+  (box AP alone without masks) to a detector that answers the ground truth
+  in the canvas frame; the same answers given to the wrong images score
+  near 0. So image ids, padding, and the mapping of boxes and masks back to
+  each image's stored size are right."""
   data_dir, patterns = perfect_coco
-  config = _perfect_config(data_dir, mode)
+  config = _perfect_config(data_dir, mode, config)
+  masks = config.model.startswith("mask_rcnn")
+  kinds = ("box", "mask") if masks else ("box",)
   truth = _canvas_ground_truth(config, patterns)
   right = _evaluate_with(config, tmp_path / "right", monkeypatch,
-                         _perfect_detect_step(truth, {i: i for i in PERFECT_IDS}),
+                         _perfect_detect_step(truth, {i: i for i in PERFECT_IDS}, masks),
                          num_devices)
   assert right["num_images"] == len(PERFECT_IDS)
-  for key in ("box_ap", "mask_ap", "box_ap75", "mask_ap75", "box_ar100", "mask_ar100"):
+  assert any(k.startswith("mask_") for k in right) == masks
+  for key in (f"{kind}_{stat}" for kind in kinds for stat in ("ap", "ap75", "ar100")):
     assert right[key] == 1.0, (key, right[key])
   shifted = dict(zip(PERFECT_IDS, PERFECT_IDS[1:] + PERFECT_IDS[:1]))
   wrong = _evaluate_with(config, tmp_path / "wrong", monkeypatch,
-                         _perfect_detect_step(truth, shifted), num_devices)
-  assert wrong["box_ap"] < 0.2 and wrong["mask_ap"] < 0.2, wrong
+                         _perfect_detect_step(truth, shifted, masks), num_devices)
+  assert all(wrong[f"{kind}_ap"] < 0.2 for kind in kinds), wrong

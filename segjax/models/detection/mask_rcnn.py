@@ -1,4 +1,5 @@
-"""Mask R-CNN (He et al., ICCV 2017): the whole detector, training and inference.
+"""Mask R-CNN (He et al., ICCV 2017) and Faster R-CNN (Ren et al., NeurIPS
+2015): the whole detector, training and inference.
 
 `MaskRCNN` is MaskRCNNNetworks (same params, so segjax.convert's
 "maskrcnn_resnet50_fpn" variables apply unchanged) plus the detector's
@@ -29,8 +30,12 @@ Inference: RPN with test sizes -> box head on the proposals ->
 postprocess.select_detections -> mask head on the detections' boxes ->
 each detection's class channel -> optionally pasted into the image.
 
-Variants are data (`VARIANTS`, `build_mask_rcnn`); `TINY` shrinks any of
-them for CPU tests.
+Faster R-CNN is the same module with `masks=False`, as torchvision's
+MaskRCNN is its FasterRCNN plus a mask branch: no mask head, so no mask
+targets, no loss_mask and no mask outputs; everything else is shared.
+
+Variants are data (`VARIANTS`, `build_detector`): "mask_rcnn_*" and
+"faster_rcnn_*"; `TINY` shrinks any of them for CPU tests.
 """
 import functools
 import re
@@ -57,7 +62,8 @@ class MaskRCNN(MaskRCNNNetworks):
   Calling the module detects (see `__call__`); `train_losses` trains. The
   settings below are torchvision's MaskRCNN keyword arguments, same names
   and defaults (the "fpn" layout). Per-level "pre" counts and the
-  per-image "post" counts are static output sizes.
+  per-image "post" counts are static output sizes. With `masks=False`
+  (MaskRCNNNetworks) it is Faster R-CNN, torchvision's FasterRCNN.
 
   Attributes (beyond MaskRCNNNetworks'):
     trainable_backbone_layers: ResNet stages trained, counted from the top
@@ -96,9 +102,9 @@ class MaskRCNN(MaskRCNNNetworks):
 
   def __post_init__(self):
     if not 0 <= self.trainable_backbone_layers <= 5:
-      raise ConfigError(f"mask r-cnn: trainable_backbone_layers must be in 0..5, "
+      raise ConfigError(f"{self.kind}: trainable_backbone_layers must be in 0..5, "
                         f"got {self.trainable_backbone_layers}.")
-    if int(self.box_batch_size_per_image * self.box_positive_fraction) < 1:
+    if self.masks and int(self.box_batch_size_per_image * self.box_positive_fraction) < 1:
       raise ConfigError("mask r-cnn: box_batch_size_per_image * box_positive_fraction "
                         "must allow at least one positive roi (the mask head's slots).")
     super().__post_init__()
@@ -124,8 +130,9 @@ class MaskRCNN(MaskRCNNNetworks):
     """Box head on rois [N, R, 4]; mask head on the rois at `pick` [N, Q].
 
     Returns class_logits [N, R, K+1], box_deltas [N, R, K+1, 4] and
-    mask_logits [N, Q, M, M, K+1] (None when pick is None). The C4 layout
-    runs res5 once and feeds the picked rois' res5 output to the mask head
+    mask_logits [N, Q, M, M, K+1] (None when pick is None: Faster R-CNN,
+    or inference, which masks the detections instead). The C4 layout runs
+    res5 once and feeds the picked rois' res5 output to the mask head
     (Detectron's shared res5).
     """
     n, r = rois.shape[:2]
@@ -153,7 +160,7 @@ class MaskRCNN(MaskRCNNNetworks):
 
   def __call__(self, images: Array, image_size: Optional[Array] = None,
                train: bool = False, paste: bool = True) -> Dict[str, Array]:
-    """Detects objects and their masks.
+    """Detects objects and, with masks, their masks.
 
     Args:
       images: [N, H, W, 3] float, normalised, each image at the top-left of
@@ -163,13 +170,15 @@ class MaskRCNN(MaskRCNNNetworks):
       train: BatchNorm mode (no effect with frozen_bn).
       paste: static; also return masks pasted into the canvas
         (`postprocess.paste_masks`). Under jit bind it with functools.partial.
+        No effect without masks.
 
     Returns:
       {"boxes": [N, D, 4] float32 (x1, y1, x2, y2) canvas pixels,
       "scores": [N, D], "classes": [N, D] int32 (1..K, 0 in padding slots),
-      "valid": [N, D] bool, "mask_probs": [N, D, M, M] float32 (M = 28
-      "fpn", 14 "c4", each in its box's frame), and with paste "masks":
-      [N, D, H, W] bool (probability > 0.5)}, D = box_detections_per_img.
+      "valid": [N, D] bool, and with masks "mask_probs": [N, D, M, M]
+      float32 (M = 28 "fpn", 14 "c4", each in its box's frame) and with
+      paste "masks": [N, D, H, W] bool (probability > 0.5)},
+      D = box_detections_per_img.
     """
     n, h, w, _ = images.shape
     sizes = _image_sizes(image_size, n, (h, w))
@@ -179,6 +188,8 @@ class MaskRCNN(MaskRCNNNetworks):
     dets = postprocess.postprocess_detections(
         logits, deltas, props, props_valid, sizes, score_thresh=self.box_score_thresh,
         nms_thresh=self.box_nms_thresh, detections_per_img=self.box_detections_per_img)
+    if not self.masks:
+      return dets
     d = self.box_detections_per_img
     flat = dets["boxes"].reshape(-1, 4)
     image_of = jnp.repeat(jnp.arange(n, dtype=jnp.int32), d)
@@ -193,7 +204,8 @@ class MaskRCNN(MaskRCNNNetworks):
 
   def losses(self, batch: Dict[str, Array], rng: Array, train: bool = True
              ) -> Dict[str, Array]:
-    """The five Mask R-CNN losses of a batch and their sum (see `train_losses`)."""
+    """The five Mask R-CNN losses (four without masks) of a batch and their
+    sum (see `train_losses`)."""
     images = batch["image"]
     n, h, w, _ = images.shape
     sizes = _image_sizes(batch.get("image_size"), n, (h, w))
@@ -224,29 +236,30 @@ class MaskRCNN(MaskRCNNNetworks):
                               fg_iou=self.box_fg_iou_thresh, bg_iou=self.box_bg_iou_thresh)
     rois, cls_t, box_t, matched, weights = jax.vmap(roi_t)(
         jax.random.split(k_roi, n), props, props_valid, gt_boxes, gt_classes, gt_valid)
-    # Positives into fixed slots: at most int(S * fraction) per image, the
-    # sampler's own cap, so none is ever dropped.
-    q = int(self.box_batch_size_per_image * self.box_positive_fraction)
-    pos = (cls_t > 0) & (weights > 0)
-    pick = jax.vmap(lambda p: jnp.nonzero(p, size=q, fill_value=0)[0])(pos)
-    pick_w = (jnp.arange(q) < jnp.sum(pos, axis=1, keepdims=True)).astype(jnp.float32)
+    pick = None
+    if self.masks:
+      # Positives into fixed slots: at most int(S * fraction) per image, the
+      # sampler's own cap, so none is ever dropped.
+      q = int(self.box_batch_size_per_image * self.box_positive_fraction)
+      pos = (cls_t > 0) & (weights > 0)
+      pick = jax.vmap(lambda p: jnp.nonzero(p, size=q, fill_value=0)[0])(pos)
+      pick_w = (jnp.arange(q) < jnp.sum(pos, axis=1, keepdims=True)).astype(jnp.float32)
     logits, box_deltas, mask_logits = self._heads(feats, rois, pick, train)
 
     box_l = functools.partial(targets_lib.box_head_losses, denominator=jnp.sum(weights))
     loss_cls, loss_box = jax.vmap(box_l)(logits, box_deltas, cls_t, box_t, weights)
-
-    take = functools.partial(_take_slots, pick)
-    pick_cls = jnp.where(pick_w > 0, take(cls_t), 0)
-    m = mask_logits.shape[2]
-    mask_t = jax.vmap(functools.partial(targets_lib.mask_targets, mask_size=m,
-                                        max_sampling_ratio=self.mask_max_sampling_ratio))(
-        batch["masks"], take(rois), take(matched))
-    mask_l = functools.partial(targets_lib.mask_loss, denominator=jnp.sum(pick_w))
-    loss_mask = jax.vmap(mask_l)(mask_logits, pick_cls, mask_t, pick_w)
-
     out = {"loss_objectness": jnp.sum(loss_obj), "loss_rpn_box_reg": jnp.sum(loss_rpn_box),
-           "loss_classifier": jnp.sum(loss_cls), "loss_box_reg": jnp.sum(loss_box),
-           "loss_mask": jnp.sum(loss_mask)}
+           "loss_classifier": jnp.sum(loss_cls), "loss_box_reg": jnp.sum(loss_box)}
+
+    if self.masks:
+      take = functools.partial(_take_slots, pick)
+      pick_cls = jnp.where(pick_w > 0, take(cls_t), 0)
+      m = mask_logits.shape[2]
+      mask_t = jax.vmap(functools.partial(targets_lib.mask_targets, mask_size=m,
+                                          max_sampling_ratio=self.mask_max_sampling_ratio))(
+          batch["masks"], take(rois), take(matched))
+      mask_l = functools.partial(targets_lib.mask_loss, denominator=jnp.sum(pick_w))
+      out["loss_mask"] = jnp.sum(jax.vmap(mask_l)(mask_logits, pick_cls, mask_t, pick_w))
     out["loss"] = sum(out.values())
     return out
 
@@ -307,23 +320,23 @@ def trainable_mask(model: MaskRCNN, params: Any) -> Any:
 
 def train_losses(model: MaskRCNN, variables: Any, batch: Dict[str, Array], rng: Array
                  ) -> Tuple[Dict[str, Array], Dict[str, Any]]:
-  """Mask R-CNN's training losses of one batch; differentiate w.r.t. variables["params"].
+  """A detector's training losses of one batch; differentiate w.r.t. variables["params"].
 
   Args:
-    model: a MaskRCNN.
+    model: a MaskRCNN (masks=False: Faster R-CNN).
     variables: {"params": ..., "batch_stats": ...}.
     batch: "image" [N, H, W, 3] float normalised canvas; "image_size" [N, 2]
       int32 true (height, width) (optional: whole canvas); "boxes" [N, G, 4]
       (x1, y1, x2, y2) pixels; "classes" [N, G] int32 in 1..K (0 padding);
       "masks" [N, G, H, W] instance masks (bool, uint8 or float) on the
-      canvas; "valid" [N, G] bool. G >= 1 and fixed, so one compiled
-      function serves every batch.
+      canvas, read only with model.masks; "valid" [N, G] bool. G >= 1 and
+      fixed, so one compiled function serves every batch.
     rng: PRNG key for the anchor and roi samplers.
 
   Returns:
     losses: {"loss_objectness", "loss_rpn_box_reg", "loss_classifier",
-      "loss_box_reg", "loss_mask", "loss" (their sum)}, float32 scalars,
-      normalised over the batch as torchvision's.
+      "loss_box_reg", "loss_mask" (only with masks), "loss" (their sum)},
+      float32 scalars, normalised over the batch as torchvision's.
     updates: {} with frozen_bn (nothing to update); otherwise the new
       {"batch_stats": ...}.
     Params that `trainable_mask` freezes get zero gradient.
@@ -341,15 +354,20 @@ def train_losses(model: MaskRCNN, variables: Any, batch: Dict[str, Array], rng: 
   return out, dict(updates)
 
 
-# The registry's variants: layout and depth. The C4 RPN sees one level, so
-# its per-level counts are Detectron's per-image ones (e2e_mask_rcnn_R-50-C4).
+# The registry's variants: layout and depth, with or without the mask
+# branch. The C4 RPN sees one level, so its per-level counts are Detectron's
+# per-image ones (e2e_mask_rcnn_R-50-C4, e2e_faster_rcnn_R-50-C4).
+_BACKBONES: Dict[str, Dict[str, Any]] = {
+    "r50_fpn": dict(layout="fpn", stage_sizes=(3, 4, 6, 3)),
+    "r101_fpn": dict(layout="fpn", stage_sizes=(3, 4, 23, 3)),
+    "r50_c4": dict(layout="c4", stage_sizes=(3, 4, 6, 3),
+                   rpn_pre_nms_top_n_train=12000, rpn_pre_nms_top_n_test=6000),
+    "r101_c4": dict(layout="c4", stage_sizes=(3, 4, 23, 3),
+                    rpn_pre_nms_top_n_train=12000, rpn_pre_nms_top_n_test=6000),
+}
 VARIANTS: Dict[str, Dict[str, Any]] = {
-    "mask_rcnn_r50_fpn": dict(layout="fpn", stage_sizes=(3, 4, 6, 3)),
-    "mask_rcnn_r101_fpn": dict(layout="fpn", stage_sizes=(3, 4, 23, 3)),
-    "mask_rcnn_r50_c4": dict(layout="c4", stage_sizes=(3, 4, 6, 3),
-                             rpn_pre_nms_top_n_train=12000, rpn_pre_nms_top_n_test=6000),
-    "mask_rcnn_r101_c4": dict(layout="c4", stage_sizes=(3, 4, 23, 3),
-                              rpn_pre_nms_top_n_train=12000, rpn_pre_nms_top_n_test=6000),
+    **{f"mask_rcnn_{k}": dict(v, masks=True) for k, v in _BACKBONES.items()},
+    **{f"faster_rcnn_{k}": dict(v, masks=False) for k, v in _BACKBONES.items()},
 }
 
 # Options that shrink any variant for CPU tests: a 16-wide ResNet with one
@@ -362,23 +380,25 @@ TINY: Dict[str, Any] = dict(
     mask_max_sampling_ratio=2)
 
 
-def build_mask_rcnn(name: str, num_classes: int, **options) -> MaskRCNN:
-  """A MaskRCNN variant: `VARIANTS[name]` updated with `options`.
+def build_detector(name: str, num_classes: int, **options) -> MaskRCNN:
+  """A detector variant (Mask or Faster R-CNN): `VARIANTS[name]` updated with `options`.
 
   Args:
     name: a key of VARIANTS.
     num_classes: K + 1, background included (91 for COCO), as torchvision's.
-    **options: MaskRCNN attributes, e.g. **TINY, or dtype=jnp.bfloat16.
+    **options: MaskRCNN attributes, e.g. **TINY, or dtype=jnp.bfloat16;
+      not `masks`, which the name fixes (the task trains and scores what
+      the name says).
 
   Raises:
     ConfigError: for an unknown name or option.
   """
   if name not in VARIANTS:
-    raise ConfigError(f"unknown mask r-cnn variant {name!r}; choose one of "
+    raise ConfigError(f"unknown detector variant {name!r}; choose one of "
                       f"{', '.join(sorted(VARIANTS))}.")
-  fields = set(MaskRCNN.__dataclass_fields__) - {"parent", "name"}
+  fields = set(MaskRCNN.__dataclass_fields__) - {"parent", "name", "masks"}
   unknown = sorted(set(options) - fields)
   if unknown:
-    raise ConfigError(f"mask r-cnn has no option(s) {', '.join(unknown)}; its options "
+    raise ConfigError(f"{name} has no option(s) {', '.join(unknown)}; its options "
                       f"are: {', '.join(sorted(fields - {'num_classes'}))}.")
   return MaskRCNN(num_classes=num_classes, **{**VARIANTS[name], **options})

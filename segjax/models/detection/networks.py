@@ -7,6 +7,11 @@ segjax.convert's "maskrcnn_resnet50_fpn" fills; the detector itself
 (proposal selection, training targets and losses, post-processing) composes
 it with detection.proposals and detection.targets.
 
+With `masks=False` it is Faster R-CNN's (Ren et al. 2015): the same
+backbone, RPN head and box head and no mask head, as torchvision's MaskRCNN
+is its FasterRCNN plus a mask branch (segjax.convert's
+"fasterrcnn_resnet50_fpn" fills it).
+
 The two layouts of the paper are data, `LAYOUTS[name]`:
 
   "fpn"  ResNet-FPN (torchvision's maskrcnn_resnet50_fpn): RPN on P2..P6
@@ -81,7 +86,8 @@ class MaskRCNNNetworks(nn.Module):
   Params ("fpn"): backbone/{body, fpn}, rpn_head, box_head/{fc6, fc7,
   predictor}, mask_head/{mask_fcn1..4, predictor}. ("c4"): backbone (stem
   and layer1-3), rpn_head, res5 (layer4_*), box_head (cls_score,
-  bbox_pred), mask_head (conv5_mask, mask_fcn_logits).
+  bbox_pred), mask_head (conv5_mask, mask_fcn_logits). Without masks, the
+  same less mask_head.
 
   Attributes:
     num_classes: K + 1, background included (torchvision's num_classes; 91
@@ -92,7 +98,10 @@ class MaskRCNNNetworks(nn.Module):
       the paper. Smaller values only make tests fast.
     fpn_channels: FPN output channels ("fpn").
     representation_size: fc6 / fc7 width ("fpn").
-    mask_channels: mask head conv and transposed-conv channels.
+    masks: build and run the mask head (Mask R-CNN); False is Faster
+      R-CNN: no mask_head params, no "mask_logits".
+    mask_channels: mask head conv and transposed-conv channels (unused
+      without masks).
     frozen_bn: BatchNorm with fixed statistics in backbone and res5.
     max_sampling_ratio: static cap for adaptive ROI Align ("c4").
     roi_impl: ROI Align implementation, "gather" or "einsum".
@@ -112,6 +121,7 @@ class MaskRCNNNetworks(nn.Module):
   width: int = 64
   fpn_channels: int = 256
   representation_size: int = 1024
+  masks: bool = True
   mask_channels: int = 256
   frozen_bn: bool = True
   max_sampling_ratio: int = 4
@@ -121,19 +131,24 @@ class MaskRCNNNetworks(nn.Module):
   remat: bool = False
   anchor_sizes: Optional[Tuple[Tuple[float, ...], ...]] = None
 
+  @property
+  def kind(self) -> str:
+    """"mask r-cnn" or "faster r-cnn", for messages."""
+    return "mask r-cnn" if self.masks else "faster r-cnn"
+
   def __post_init__(self):
     if self.layout not in LAYOUTS:
-      raise ConfigError(f"mask r-cnn: unknown layout {self.layout!r}; "
+      raise ConfigError(f"{self.kind}: unknown layout {self.layout!r}; "
                         f"choose one of {', '.join(sorted(LAYOUTS))}.")
     if self.anchor_sizes is not None:
       default = LAYOUTS[self.layout].anchor_sizes
       if [len(s) for s in self.anchor_sizes] != [len(s) for s in default]:
         raise ConfigError(
-            f"mask r-cnn: anchor_sizes={self.anchor_sizes} must have "
+            f"{self.kind}: anchor_sizes={self.anchor_sizes} must have "
             f"{len(default)} level(s) of {[len(s) for s in default]} sizes, as "
             f"the {self.layout!r} layout's {default}.")
     if self.num_classes < 2:
-      raise ConfigError(f"mask r-cnn: num_classes counts the background and "
+      raise ConfigError(f"{self.kind}: num_classes counts the background and "
                         f"must be >= 2, got {self.num_classes}.")
     super().__post_init__()
 
@@ -155,17 +170,19 @@ class MaskRCNNNetworks(nn.Module):
                                         self.fpn_channels, **common)
       self.box_head = heads.BoxHead(self.num_classes, self.representation_size,
                                     self.dtype)
-      self.mask_head = heads.MaskHead(self.num_classes,
-                                      (self.mask_channels,) * 4,
-                                      dim_reduced=self.mask_channels,
-                                      dtype=self.dtype)
+      if self.masks:
+        self.mask_head = heads.MaskHead(self.num_classes,
+                                        (self.mask_channels,) * 4,
+                                        dim_reduced=self.mask_channels,
+                                        dtype=self.dtype)
     else:
       self.backbone = c4_lib.ResNetC4(self.stage_sizes, self.width, **common)
       self.res5 = c4_lib.Res5Head(self.stage_sizes[-1], self.width, **common)
       self.box_head = heads.BoxPredictor(self.num_classes, self.dtype)
-      self.mask_head = heads.MaskPredictor(self.num_classes,
-                                           self.mask_channels,
-                                           dtype=self.dtype)
+      if self.masks:
+        self.mask_head = heads.MaskPredictor(self.num_classes,
+                                             self.mask_channels,
+                                             dtype=self.dtype)
 
   def features(self, images: Array, train: bool = False) -> Dict[str, Array]:
     """images [N, H, W, 3] -> {"p2".."p6"} ("fpn") or {"c4"}, in `dtype`."""
@@ -229,6 +246,8 @@ class MaskRCNNNetworks(nn.Module):
 
   def mask_outputs(self, pooled: Array, train: bool = False) -> Array:
     """pooled [R, mask_pool, mask_pool, C] -> mask logits [R, M, M, K+1]."""
+    if not self.masks:
+      raise ConfigError(f"{self.kind}: masks=False has no mask head.")
     if self.layout == "fpn":
       return self.mask_head(pooled)
     return self.mask_head(self.res5(pooled, train=train))
@@ -250,8 +269,8 @@ class MaskRCNNNetworks(nn.Module):
       {"features": the backbone's dict, "objectness": L [N, A_l],
       "rpn_deltas": L [N, A_l, 4], "anchors": L [A_l, 4],
       "class_logits": [R, K+1], "box_deltas": [R, K+1, 4],
-      "mask_logits": [R, M, M, K+1]} (M = 28 "fpn", 14 "c4"), float32
-      except the features.
+      "mask_logits": [R, M, M, K+1] (M = 28 "fpn", 14 "c4"; only with
+      masks)}, float32 except the features.
     """
     n, h, w, _ = images.shape
     if boxes is None:
@@ -265,6 +284,9 @@ class MaskRCNNNetworks(nn.Module):
     out = {"features": feats, "objectness": objectness, "rpn_deltas": deltas,
            "anchors": self.anchors(feats, (h, w))}
     box_pooled = self.pool(feats, boxes, box_indices, spec.box_pool)
+    if not self.masks:
+      out["class_logits"], out["box_deltas"] = self.box_outputs(box_pooled, train)
+      return out
     if self.layout == "c4" and spec.box_pool == spec.mask_pool:
       # Both branches read the same res5 output of the same ROIs: run it once.
       shared = self.res5(box_pooled, train=train)

@@ -344,3 +344,18 @@ def test_converter_is_strict_and_says_how_to_fix(tiny_state):
     convert.from_torch("maskrcnn_resnet50_fpn", broken, **kwargs)
   assert "missing keys (1): roi_heads.mask_predictor.conv5_mask.bias" in str(err.value)
   assert "unexpected keys (1): roi_heads.mask_head.4.0.weight" in str(err.value)
+
+
+def test_faster_converter_is_the_mask_one_less_the_mask_branch(tiny_state):
+  """fasterrcnn_resnet50_fpn: the same rows less roi_heads.mask_*, into
+  MaskRCNNNetworks(masks=False); a Mask R-CNN state is refused, saying so."""
+  variables, state = tiny_state
+  kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+  faster = {k: v for k, v in state.items() if not k.startswith("roi_heads.mask_")}
+  assert len(state) - len(faster) == 12
+  got = convert.from_torch("fasterrcnn_resnet50_fpn", faster, **kwargs)
+  want = {**variables, "params": {k: v for k, v in variables["params"].items()
+                                  if k != "mask_head"}}
+  chex.assert_trees_all_equal(got, want)
+  with pytest.raises(CheckpointError, match="convert it as maskrcnn_resnet50_fpn"):
+    convert.from_torch("fasterrcnn_resnet50_fpn", state, **kwargs)

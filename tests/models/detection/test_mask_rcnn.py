@@ -1,6 +1,7 @@
 """The whole Mask R-CNN: one compiled train step for any instance count,
 gradients to exactly the trainable params, learning on a fixed batch, and
-static-shape detection, on the TINY configuration at 64 x 96."""
+static-shape detection, on the TINY configuration at 64 x 96; Faster R-CNN
+(masks=False) is the same detector less the mask branch."""
 import functools
 
 import numpy as np
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
-from segjax.models.detection.mask_rcnn import (TINY, VARIANTS, MaskRCNN, build_mask_rcnn,
+from segjax.models.detection.mask_rcnn import (TINY, VARIANTS, MaskRCNN, build_detector,
                                                train_losses, trainable_mask)
 from segjax.models.detection.postprocess import paste_masks
 from segjax.ops import box_iou
@@ -21,6 +22,7 @@ H, W = 64, 96
 NUM_CLASSES = 4                 # background + 3
 LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
           "loss_mask")
+BOX_LOSSES = LOSSES[:4]  # Faster R-CNN's
 # Per image, (x1, y1, x2, y2, class); G = 3 slots, the rest padding.
 INSTANCES = ([(8, 6, 40, 38, 1), (50, 20, 90, 60, 2)], [(20, 10, 60, 50, 3)])
 
@@ -63,11 +65,13 @@ def random_instances(counts, seed):
 
 
 class Built:
-  """A model, its variables, and its jitted loss gradient with a trace counter."""
+  """A model, its variables (given, or initialised), and its jitted loss
+  gradient with a trace counter."""
 
-  def __init__(self, layout):
-    self.model = build_mask_rcnn(f"mask_rcnn_r50_{layout}", NUM_CLASSES, **TINY)
-    self.variables = jax.jit(self.model.init)(make_key(0), jnp.zeros((2, H, W, 3)))
+  def __init__(self, name, variables=None):
+    self.model = build_detector(name, NUM_CLASSES, **TINY)
+    self.variables = variables or jax.jit(self.model.init)(make_key(0),
+                                                           jnp.zeros((2, H, W, 3)))
     self.traces = 0
 
     def loss(params, batch, rng):
@@ -82,14 +86,14 @@ class Built:
 
 @pytest.fixture(scope="module")
 def fpn():
-  return Built("fpn")
+  return Built("mask_rcnn_r50_fpn")
 
 
-def check_losses(out):
-  assert set(out) == set(LOSSES) | {"loss"}
+def check_losses(out, names=LOSSES):
+  assert set(out) == set(names) | {"loss"}
   for k, v in out.items():
     assert v.shape == () and v.dtype == jnp.float32 and np.isfinite(v), k
-  np.testing.assert_allclose(out["loss"], sum(out[k] for k in LOSSES), rtol=1e-6)
+  np.testing.assert_allclose(out["loss"], sum(out[k] for k in names), rtol=1e-6)
 
 
 def check_gradients(built, grads):
@@ -190,7 +194,7 @@ def test_detection_outputs(fpn):
 
 
 def test_c4_variant_trains_and_detects():
-  c4 = Built("c4")
+  c4 = Built("mask_rcnn_r50_c4")
   (_, out), grads = c4.grad(c4.variables["params"], make_batch(), make_key(0))
   check_losses(out)
   mask = check_gradients(c4, grads)
@@ -200,25 +204,64 @@ def test_c4_variant_trains_and_detects():
   assert det["mask_probs"].shape[2:] == (14, 14) and det["masks"].shape[2:] == (H, W)
 
 
+def test_faster_rcnn_is_mask_rcnn_less_the_mask_branch(fpn):
+  """Mask R-CNN's params less mask_head are Faster R-CNN's; with them, on the
+  same batch and key, its four other losses come out the same, with no need
+  of the batch's masks, and gradients reach exactly the trainable params."""
+  shared = {**fpn.variables, "params": {k: v for k, v in fpn.variables["params"].items()
+                                        if k != "mask_head"}}
+  faster = Built("faster_rcnn_r50_fpn", shared)
+  own = jax.eval_shape(faster.model.init, make_key(0), jnp.zeros((2, H, W, 3)))
+  assert jax.tree_util.tree_structure(own) == jax.tree_util.tree_structure(shared)
+  batch = make_batch()
+  (_, out), grads = faster.grad(shared["params"],
+                                {k: v for k, v in batch.items() if k != "masks"}, make_key(0))
+  check_losses(out, BOX_LOSSES)
+  check_gradients(faster, grads)
+  (_, mask_out), _ = fpn.grad(fpn.variables["params"], batch, make_key(0))
+  for k in BOX_LOSSES:
+    np.testing.assert_allclose(out[k], mask_out[k], rtol=1e-5, err_msg=k)
+  det = jax.eval_shape(faster.model.apply, shared, batch["image"], batch["image_size"])
+  assert set(det) == {"boxes", "scores", "classes", "valid"}
+
+
+def test_c4_faster_rcnn_has_no_mask_branch():
+  """Traced only (the C4 box path is the one test_c4_variant_trains_and_detects runs)."""
+  model = build_detector("faster_rcnn_r50_c4", NUM_CLASSES, **TINY)
+  variables = jax.eval_shape(model.init, make_key(0), jnp.zeros((2, H, W, 3)))
+  assert "mask_head" not in variables["params"] and "res5" in variables["params"]
+  batch = {k: v for k, v in make_batch().items() if k != "masks"}
+  out, _ = jax.eval_shape(lambda v: train_losses(model, v, batch, make_key(0)), variables)
+  assert set(out) == set(BOX_LOSSES) | {"loss"}
+  det = jax.eval_shape(model.apply, variables, batch["image"], batch["image_size"])
+  assert set(det) == {"boxes", "scores", "classes", "valid"}
+
+
 def test_build_variants_and_options():
   for name, spec in VARIANTS.items():
-    model = build_mask_rcnn(name, 91)
+    model = build_detector(name, 91)
     assert isinstance(model, MaskRCNN) and model.num_classes == 91
     assert model.layout == spec["layout"] and model.stage_sizes == spec["stage_sizes"]
-  assert build_mask_rcnn("mask_rcnn_r101_fpn", 3).stage_sizes == (3, 4, 23, 3)
-  assert build_mask_rcnn("mask_rcnn_r50_fpn", 3, rpn_post_nms_top_n_train=7
+    assert model.masks == name.startswith("mask_rcnn_")
+  assert {n.replace("faster_", "mask_") for n in VARIANTS if n.startswith("faster_")} == {
+      n for n in VARIANTS if n.startswith("mask_")}
+  assert build_detector("mask_rcnn_r101_fpn", 3).stage_sizes == (3, 4, 23, 3)
+  assert build_detector("mask_rcnn_r50_fpn", 3, rpn_post_nms_top_n_train=7
                          ).rpn_post_nms_top_n_train == 7
   with pytest.raises(ConfigError, match="mask_rcnn_r50_fpn"):
-    build_mask_rcnn("mask_rcnn_r18", 3)
+    build_detector("mask_rcnn_r18", 3)
   with pytest.raises(ConfigError, match="no option"):
-    build_mask_rcnn("mask_rcnn_r50_fpn", 3, rpn_nms=0.5)
+    build_detector("mask_rcnn_r50_fpn", 3, rpn_nms=0.5)
   with pytest.raises(ConfigError):
-    build_mask_rcnn("mask_rcnn_r50_fpn", 3, trainable_backbone_layers=6)
+    build_detector("mask_rcnn_r50_fpn", 3, trainable_backbone_layers=6)
+  # The name says whether there are masks: the task trains and scores by it.
+  with pytest.raises(ConfigError, match="no option"):
+    build_detector("faster_rcnn_r50_fpn", 3, masks=True)
 
 
 @pytest.mark.parametrize("layers,frozen_bn", [(5, True), (0, True), (5, False)])
 def test_trainable_mask_options(layers, frozen_bn):
-  model = build_mask_rcnn("mask_rcnn_r50_fpn", 3, trainable_backbone_layers=layers,
+  model = build_detector("mask_rcnn_r50_fpn", 3, trainable_backbone_layers=layers,
                           frozen_bn=frozen_bn, **TINY)
   shapes = jax.eval_shape(model.init, make_key(0), jnp.zeros((1, H, W, 3)))
   mask = traverse_util.flatten_dict(trainable_mask(model, shapes["params"]))

@@ -13,7 +13,6 @@ Run in the torch venv:
   .venv-parity/bin/python -m pytest -q tests/models/detection/test_maskrcnn_parity.py
 """
 import copy
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,8 @@ from segjax.ops import decode_boxes
 
 torch = needs("torch")
 torchvision = needs("torchvision")
+# pylint: disable=wrong-import-position,import-error
+from torchvision_random import nhwc, random_detector, relative_error  # noqa: E402
 
 # README "Parity tests": "FPN features, RPN outputs and box/mask head outputs
 # for the same proposals to 4e-6 relative" (measured: at most 3.1e-6).
@@ -52,45 +53,6 @@ BOXES = (
 FPN_NAMES = ("p2", "p3", "p4", "p5", "p6")
 
 
-def relative_error(ours, theirs):
-  """max |ours - theirs| / max |theirs|."""
-  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-  return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
-
-
-def nhwc(t):
-  return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def _freeze_bn(module, generator):
-  """BatchNorm2d -> FrozenBatchNorm2d (checkpoint layout) with random values."""
-  from torchvision.ops.misc import FrozenBatchNorm2d
-  for name, child in module.named_children():
-    if isinstance(child, torch.nn.BatchNorm2d):
-      c = child.num_features
-      frozen = FrozenBatchNorm2d(c)
-      frozen.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
-      frozen.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-      frozen.weight.copy_(0.5 + torch.rand(c, generator=generator))
-      frozen.bias.copy_(0.1 * torch.randn(c, generator=generator))
-      setattr(module, name, frozen)
-    else:
-      _freeze_bn(child, generator)
-
-
-def _randomise_heads(net, generator):
-  """FPN and heads: weights ~ N(0, 1 / fan-in), biases ~ N(0, 0.01)."""
-  with torch.no_grad():
-    for name, p in net.named_parameters():
-      if name.startswith("backbone.body."):
-        continue
-      if name.endswith(".bias"):
-        p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-      else:
-        p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p[0].numel()))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def highest_precision():
   """Full float32 matmuls and convolutions, as PyTorch's CPU kernels do.
@@ -110,17 +72,7 @@ def case():
   from torchvision.models.detection import maskrcnn_resnet50_fpn
   from torchvision.models.detection.image_list import ImageList
   from torchvision.models.detection.rpn import concat_box_prediction_layers
-  torch.set_num_threads(1)
-  # The backbone's convs keep torchvision's init, drawn from the global
-  # generator: seeded, so the figures do not depend on which tests ran
-  # before in the process.
-  torch.manual_seed(0)
-  generator = torch.Generator().manual_seed(0)
-  net = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
-                              num_classes=NUM_CLASSES)
-  _freeze_bn(net.backbone.body, generator)
-  _randomise_heads(net, generator)
-  net.eval()
+  net, generator = random_detector(maskrcnn_resnet50_fpn, NUM_CLASSES)
   x = torch.randn(2, 3, *IMAGE, generator=generator)
   boxes = [torch.tensor(b) for b in BOXES]
   shapes = [IMAGE] * 2
