@@ -21,10 +21,11 @@ head and its loss:
 
 The images stay at their 128 x 128 (min_size = max_size = canvas = 128).
 Evaluation is COCO box AP on the 200 validation images
-(segjax/tasks/instance.py), every 250 steps. The target is box AP >= 0.6
-on a 2-core CPU within 30 minutes, dataset generation and compilation
-included (mask_rcnn_shapes.py, with the mask head besides, reaches box AP
-0.744 in 16 minutes). `get_config("tiny")` is a seconds-long smoke run.
+(segjax/tasks/instance.py), every 250 steps. Measured on a 2-core CPU
+(shared with other work): box AP 0.776, box AP50 0.980 in 9 min 49 s,
+compilation and evaluations included (the dataset already generated);
+mask_rcnn_shapes.py, with the mask head besides, reaches box AP 0.744.
+`get_config("tiny")` is a seconds-long smoke run.
 """
 import ml_collections
 
