@@ -254,12 +254,15 @@ def perfect_coco(tmp_path_factory):
   return str(data_dir), patterns
 
 
-def _perfect_config(data_dir, mode):
+def _perfect_config(data_dir, mode, grouped=False):
+  # Grouped: landscape images on 32 x 64, portrait ones on 64 x 32.
+  canvas = ["instances.min_size=(32,)", "instances.canvas=()",
+            "instances.group_by_aspect=True"] if grouped else [
+            "instances.min_size=(48,)", "instances.canvas=64,64"]
   return config_lib.load_config(
       os.path.join(REPO, "configs", "mask_rcnn_shapes.py:tiny"),
       ["dataset=coco_instances", f"data_dir={data_dir}", "num_classes=81",
-       "instances.min_size=(48,)", "instances.max_size=64", "instances.canvas=64,64",
-       "eval.batch_size=8", f"parallel.mode={mode}"])
+       "instances.max_size=64", *canvas, "eval.batch_size=8", f"parallel.mode={mode}"])
 
 
 def _canvas_ground_truth(config, patterns):
@@ -295,11 +298,13 @@ def _perfect_detect_step(truth, answer_for):
 
   def detect_step(state, batch, *, model, axis_name=None):
     del state, model, axis_name
+    detect_step.traces.append(batch["image"].shape[-3:-1])  # once per compilation
     row = jnp.argmax(batch["image_id"][:, None] == ids[None, :], axis=1)
     boxes, classes, valid, probs = (jnp.asarray(t)[row] for t in table)
     passed = {k: batch[k] for k in ("image_size", "image_id", "orig_size", "mask")}
     return {**passed, "boxes": boxes, "scores": valid.astype(jnp.float32),
             "classes": classes, "valid": valid, "mask_probs": probs}
+  detect_step.traces = []
   return detect_step
 
 
@@ -310,23 +315,26 @@ def _evaluate_with(config, tmp_path, monkeypatch, detect_step, num_devices):
     return trainer.evaluate(None, "validation")
 
 
-# 8 devices: a batch of 8 real images, then 3 real and 5 padding; 3 devices:
-# batches rounded up to 9, 9 real then 2 real and 7 padding; 1 device: as 8.
-@pytest.mark.parametrize("num_devices,mode", [(8, "jit"), (3, "pmap"), (1, "jit")])
+# 8 devices: a batch of 8 real images, then 3 real and 5 padding; 3 devices,
+# a canvas per orientation: batches rounded up to 9, 7 landscape and square
+# images and 2 padding, then 4 portrait and 5 padding; 1 device: as 8.
+@pytest.mark.parametrize("num_devices,mode,grouped", [(8, "jit", False),
+                                                      (3, "pmap", True),
+                                                      (1, "jit", False)])
 def test_perfect_detections_score_ap_one(perfect_coco, tmp_path, monkeypatch,
-                                         num_devices, mode):
+                                         num_devices, mode, grouped):
   """The evaluation `segjax train` and `segjax eval` run for detectors, on
   any number of devices with a padded last batch, gives box and mask AP 1.0
   to a detector that answers the ground truth in the canvas frame; the same
   answers given to the wrong images score near 0. So image ids, padding,
   and the mapping of boxes and masks back to each image's stored size are
-  right."""
+  right, also from the orientation canvases, which compile once each."""
   data_dir, patterns = perfect_coco
-  config = _perfect_config(data_dir, mode)
+  config = _perfect_config(data_dir, mode, grouped)
   truth = _canvas_ground_truth(config, patterns)
-  right = _evaluate_with(config, tmp_path / "right", monkeypatch,
-                         _perfect_detect_step(truth, {i: i for i in PERFECT_IDS}),
-                         num_devices)
+  step = _perfect_detect_step(truth, {i: i for i in PERFECT_IDS})
+  right = _evaluate_with(config, tmp_path / "right", monkeypatch, step, num_devices)
+  assert step.traces == ([(32, 64), (64, 32)] if grouped else [(64, 64)])
   assert right["num_images"] == len(PERFECT_IDS)
   for key in ("box_ap", "mask_ap", "box_ap75", "mask_ap75", "box_ar100", "mask_ar100"):
     assert right[key] == 1.0, (key, right[key])
