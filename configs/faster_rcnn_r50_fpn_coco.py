@@ -15,10 +15,12 @@ batch 16 with SGD (lr 0.02, momentum 0.9, weight decay 1e-4, 1000 warmup
 steps, x0.1 at 60k and 80k). Evaluation: COCO box AP on val2017 with
 pycocotools.
 
-Static shapes: every image sits on a 1344 x 1344 canvas with up to 100
-instances, as in mask_rcnn_r50_fpn_coco.py. The input pipeline still
-makes the instance masks (the same batches as Mask R-CNN's); they stay on
-the host, since no loss reads them.
+Static shapes as in mask_rcnn_r50_fpn_coco.py: landscape and square
+images on an 800 x 1344 canvas, portrait ones on 1344 x 800
+(instances.group_by_aspect), with up to 100 instances; the train step
+compiles once per canvas. The input pipeline still makes the instance
+masks (the same batches as Mask R-CNN's); they stay on the host, since no
+loss reads them.
 
 The dataset is coco_instances (segjax.data.builders.coco); num_classes is
 81 (80 contiguous classes + background), where torchvision's COCO
@@ -35,7 +37,7 @@ def get_config(mode=""):
   c.model_kwargs = ml_collections.ConfigDict(dict(frozen_bn=True,
                                                   trainable_backbone_layers=3))
   c.instances = ml_collections.ConfigDict(dict(
-      max_instances=100, min_size=(800,), max_size=1333, canvas=(1344, 1344),
-      size_divisibility=32, flip=True, drop_crowd=True))
+      max_instances=100, min_size=(800,), max_size=1333, canvas=(),
+      size_divisibility=32, flip=True, drop_crowd=True, group_by_aspect=True))
   c.optimizer.grad_clip_norm = 0.0  # Detectron clips nothing.
   return apply_mode(c, mode)

@@ -13,13 +13,19 @@ and 2000 proposals per image in training, 90k steps of batch 16 with SGD
 (lr 0.02, momentum 0.9, weight decay 1e-4, 1000 warmup steps, x0.1 at 60k
 and 80k). Evaluation: COCO box and mask AP on val2017 with pycocotools.
 
-Static shapes: every image sits on a 1344 x 1344 canvas (either
-orientation fits) with up to 100 instances (COCO train2017 has at most 93
-non-crowd ones per image). Detectron pads each batch only to its largest
-image, so it computes less on landscape-only batches; the fixed canvas is
-what lets one compiled step serve every batch. Mask targets take 100 x
-1344^2 bytes per image on the host: lower instances.max_instances or the
-batch for small hosts.
+Static shapes: images are grouped by orientation, as Detectron's and
+torchvision's samplers group them, and every batch holds one: landscape
+and square images on an 800 x 1344 canvas, portrait ones on 1344 x 800
+(instances.group_by_aspect; segjax.data.instances, "Canvases"), with up to
+100 instances (COCO train2017 has at most 93 non-crowd ones per image).
+The train step compiles once per canvas, twice in all, and so does the
+evaluation step. An 800 x 1333 image fills its canvas but for 0.8 %,
+where one 1344 x 1344 canvas for both orientations
+(--config.instances.group_by_aspect=False) computes 1.7x its pixels;
+Detectron pads each batch only to its largest image, so it computes less
+still on batches of narrower images. Mask targets take 100 x 800 x 1344
+bytes per image on the host: lower instances.max_instances or the batch
+for small hosts.
 
 Where the dataset comes from: segjax.data.builders.coco (coco_instances,
 built from the official zip files under the tfds manual dir). The 80
@@ -37,7 +43,7 @@ def get_config(mode=""):
   c.model_kwargs = ml_collections.ConfigDict(dict(frozen_bn=True,
                                                   trainable_backbone_layers=3))
   c.instances = ml_collections.ConfigDict(dict(
-      max_instances=100, min_size=(800,), max_size=1333, canvas=(1344, 1344),
-      size_divisibility=32, flip=True, drop_crowd=True))
+      max_instances=100, min_size=(800,), max_size=1333, canvas=(),
+      size_divisibility=32, flip=True, drop_crowd=True, group_by_aspect=True))
   c.optimizer.grad_clip_norm = 0.0  # Detectron clips nothing.
   return apply_mode(c, mode)

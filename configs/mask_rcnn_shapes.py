@@ -41,7 +41,7 @@ def get_config(mode=""):
       box_batch_size_per_image=128, box_detections_per_img=100))
   c.instances = ml_collections.ConfigDict(dict(
       max_instances=8, min_size=(128,), max_size=128, canvas=(128, 128),
-      size_divisibility=32, flip=True, drop_crowd=True))
+      size_divisibility=32, flip=True, drop_crowd=True, group_by_aspect=False))
   c.train.update(steps=1000, batch_size=8, log_every_steps=25)
   c.optimizer.update(name="adamw", learning_rate=2e-3, schedule="cosine",
                      warmup_steps=100, weight_decay=1e-4, grad_clip_norm=10.0)

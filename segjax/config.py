@@ -260,7 +260,8 @@ _DATASETS = {
     # COCO 2017 instances (80 classes + background) for Mask / Faster R-CNN: the
     # paper's 1x schedule, 90k steps of batch 16, SGD 0.02 divided by 10 at
     # 60k and 80k, 1000 warmup steps; images resized to 800 (short) / 1333
-    # (long) on a 1344 x 1344 canvas (config.instances).
+    # (long), on 800 x 1344 or 1344 x 800 canvases by orientation
+    # (config.instances).
     "coco": dict(
         dataset="coco_instances/instances", num_classes=81, image_size=(1344, 1344),
         augment=dict(scale_range=(1.0, 1.0), mean=(123.675, 116.28, 103.53),
@@ -386,7 +387,7 @@ TINY_MODEL_KWARGS = {
     "mask_rcnn_r50_fpn": dict(_TINY_DETECTOR, mask_channels=64),
     "faster_rcnn_r50_fpn": _TINY_DETECTOR,
 }
-TINY_SIDE = 32  # training crop of semantic models (detectors: a 64 canvas)
+TINY_SIDE = 32  # training crop of semantic models (detectors: 64, see _tiny)
 TINY_STEPS = 4
 
 
@@ -397,8 +398,9 @@ def apply_mode(c: ml_collections.ConfigDict, mode: str = "") -> ml_collections.C
   overrides whatever the experiment set (`--config configs/x.py:tiny`).
 
   Tiny keeps the experiment's recipe and its evaluation protocol and shrinks
-  their sizes: the model (`TINY_MODEL_KWARGS`), the training crop (32, or a
-  64 canvas for detectors), steps (4) and batch (8); the evaluation's
+  their sizes: the model (`TINY_MODEL_KWARGS`), the training crop (32; for
+  detectors a 64 canvas, or 32 x 64 and 64 x 32 ones where the experiment
+  groups by orientation), steps (4) and batch (8); the evaluation's
   `resize_to`, sliding-window `crop_size` and `stride` scale with the crop,
   so slide windows, scales and flips still run, on small windows. Schedule
   milestones scale with the steps (the warmup is cut to the run by the
@@ -436,6 +438,10 @@ def _tiny(c):
     c.optimizer.milestones = tuple(sorted({
         min(max(warmup + 1, round(m * TINY_STEPS / steps)), TINY_STEPS)
         for m in c.optimizer.milestones}))
-  if detector:
+  if detector and c.instances.get("group_by_aspect"):
+    # Both orientation canvases, 32 x 64 and 64 x 32, as the recipe's.
+    c.instances.update(canvas=(), min_size=(side // 2,), max_size=side,
+                       max_instances=8)
+  elif detector:
     c.instances.update(canvas=(side, side), min_size=(side,), max_size=side,
                        max_instances=8)

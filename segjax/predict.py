@@ -64,8 +64,9 @@ def instance_files(model, variables, config, paths: Sequence[str], output_dir: s
   A detector without masks (Faster R-CNN) draws boxes and labels only and
   writes no instance-id map: no pixel belongs to a box-only detection.
 
-  Images are resized and padded as in evaluation (config.instances), and
-  the detections mapped back to the file's own size.
+  Images are resized and padded as in evaluation (config.instances: with
+  group_by_aspect, on their orientation's canvas, one compilation each),
+  and the detections mapped back to the file's own size.
 
   Returns:
     list of written file paths.
@@ -81,7 +82,7 @@ def instance_files(model, variables, config, paths: Sequence[str], output_dir: s
         {"image": tf.constant(image), "boxes": tf.zeros([0, 4]),
          "classes": tf.zeros([0], tf.int32), "crowd": tf.zeros([0], tf.bool),
          "masks": tf.zeros([0, *image.shape[:2]], tf.uint8)},
-        s, tuple(config.augment.mean), tuple(config.augment.std))
+        s.for_size(image.shape[:2]), tuple(config.augment.mean), tuple(config.augment.std))
     image_size = ex["image_size"].numpy()
     out = jax.device_get(detect(variables, ex["image"].numpy()[None], image_size[None]))
     dets = detections.to_original({k: v[0] for k, v in out.items()}, image_size,

@@ -8,6 +8,7 @@ import pytest
 
 from segjax import config as config_lib
 from segjax import models
+from segjax.data import instances
 from segjax.errors import ConfigError
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
@@ -68,8 +69,13 @@ def test_tiny_model_traces_on_its_datasets_images(path):
   tiny = config_lib.load_config(path + ":tiny")
   model = models.build(tiny.model, num_classes=tiny.num_classes, **tiny.model_kwargs)
   if models.task(tiny.model) == "instance":
-    # Detectors place every image on their fixed canvas (config.instances).
-    windows = tuple(tiny.instances.canvas)
+    # Detectors place every image on their canvas (config.instances), one
+    # per orientation where they group by it (both traced, batch 1 and 2).
+    canvases = instances.settings(tiny).canvases
+    windows = canvases[0]
+    if len(canvases) > 1:
+      jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                     jnp.zeros((1, *canvases[1], 3), jnp.float32))
   else:
     h, w = EVAL_SHAPES[tiny.dataset.partition("/")[0]]
     bucket = tiny.eval.bucket
@@ -107,3 +113,20 @@ def test_model_and_loss_options_can_be_added_on_the_command_line():
   config = config_lib.load_config(path, ["model_kwargs.widht=3"])
   with pytest.raises(ConfigError, match="no option"):
     models.build(config.model, config.num_classes, **config.model_kwargs)
+
+
+def test_coco_recipe_groups_by_orientation_as_the_readme_says():
+  """configs/mask_rcnn_r50_fpn_coco.py: 800 x 1344 and 1344 x 800 canvases
+  (the tiny run crosses both and counts one compilation per canvas:
+  tests/e2e/test_coco.py); README's Mask R-CNN section says so."""
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "mask_rcnn_r50_fpn_coco.py")
+  assert instances.settings(config_lib.load_config(path)).canvases == ((800, 1344),
+                                                                      (1344, 800))
+  single = config_lib.load_config(path, ["instances.group_by_aspect=False"])
+  assert instances.settings(single).canvases == ((1344, 1344),)
+  with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+    readme = f.read()
+  section = readme[readme.index("### Mask R-CNN"):readme.index("### Experiment configs")]
+  for claim in ("800×1344", "1344×800", "`instances.group_by_aspect`",
+                "one compiled train step per canvas"):
+    assert claim in " ".join(section.split()), claim

@@ -5,7 +5,8 @@ length and batch images padded to the largest one. A jit-compiled step wants
 one shape for every batch, so here each example becomes
 
   image:       float32 [Hc, Wc, 3], normalised, padded bottom/right with 0
-               (the mean colour) to the canvas (Hc, Wc)
+               (the mean colour) to the example's canvas (Hc, Wc), see
+               "Canvases" below
   image_size:  int32 [2] (h, w) of the resized image on the canvas; boxes
                lie inside it (clip predictions to it)
   boxes:       float32 [G, 4] (x1, y1, x2, y2) in canvas pixels
@@ -29,6 +30,27 @@ dropped, as torchvision's ConvertCocoPolysToMask does.
 Memory: masks take G * Hc * Wc bytes per image (100 * 1344^2 = 180 MB at
 the COCO defaults), so lower max_instances or the canvas for big batches.
 
+Canvases. One canvas: every image on (Hc, Wc), `canvas` or a square of
+max_size that fits either orientation; a landscape 800 x 1333 image then
+fills 59 % of a 1344 x 1344 canvas. With group_by_aspect (the COCO recipe),
+images are grouped by orientation, as torchvision's GroupedBatchSampler
+and detectron2's AspectRatioGroupedDataset group them: landscape images
+(h <= w, squares included) sit on the landscape canvas
+
+  (Hc, Wc) = (round_up(min(max(min_size), max_size)), round_up(max_size))
+
+(800 x 1344 for 800 / 1333; `canvas` if given, height <= width) and portrait
+ones (h > w) on its transpose. A resized image's short side is at most
+max(min_size) and its long side at most max_size, so it always fits its
+group's canvas. Every batch, in training and in evaluation, holds one
+orientation (segjax.data.groups: the group of each training step is dealt
+from a deck with the split's proportions, so the stream stays a pure
+function of (seed, step)), and the compiled steps compile once per canvas:
+two train steps and two evaluation steps (one each where a split holds one
+orientation only). The stored size decides the orientation (resizing keeps
+it); each of the data.num_shards training shards must hold both
+orientations if the split does (a DataError says to lower num_shards).
+
 Config keys, `config.instances.*` (missing ones take `default_config()`):
   max_instances      100      G, rows of boxes / classes / masks
   min_size           (800,)   short side after resizing; training draws one
@@ -36,7 +58,11 @@ Config keys, `config.instances.*` (missing ones take `default_config()`):
                               evaluation uses the last, as torchvision does
   max_size           1333     long side at most this
   canvas             ()       (Hc, Wc), multiples of size_divisibility;
-                              () = a square of max_size rounded up to it
+                              () = a square of max_size rounded up to it,
+                              or with group_by_aspect the landscape canvas
+                              of "Canvases" (given: height <= width)
+  group_by_aspect    False    a canvas per orientation, each batch of one
+                              (True in configs/mask_rcnn_r50_fpn_coco.py)
   size_divisibility  32       what the canvas must be a multiple of
   flip               True     random horizontal flip (p = 0.5) in training
   drop_crowd         True     leave crowd regions out of training targets
@@ -64,12 +90,13 @@ and carries each one's "image_id" (-1 for padding) and "orig_size" so
 predictions map back to the original image for COCO evaluation.
 """
 import dataclasses
+from typing import Optional
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from segjax.data import ops, streams
+from segjax.data import groups, ops, streams
 from segjax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from segjax.errors import ConfigError, DataError
 
@@ -80,18 +107,43 @@ def default_config() -> ml_collections.ConfigDict:
   """The `config.instances` defaults: Mask R-CNN's COCO recipe."""
   return ml_collections.ConfigDict(dict(
       max_instances=100, min_size=(800,), max_size=1333, canvas=(),
-      size_divisibility=32, flip=True, drop_crowd=True))
+      size_divisibility=32, flip=True, drop_crowd=True, group_by_aspect=False))
+
+
+def orientation(sizes: np.ndarray) -> np.ndarray:
+  """int [n]: 0 for landscape or square (h <= w), 1 for portrait, of int
+  [n, 2] (h, w) sizes; resizing keeps it, so the stored size decides."""
+  sizes = np.asarray(sizes).reshape(-1, 2)
+  return (sizes[:, 0] > sizes[:, 1]).astype(np.int64)
+
+
+# The groups of group_by_aspect, in the order of Settings.canvases.
+ORIENTATIONS = groups.Grouping(orientation, ("landscape", "portrait"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """Validated `config.instances`; see the module docstring."""
+  """Validated `config.instances`; see the module docstring.
+
+  `canvas` is the one the transforms pad to; `canvases` holds one per group
+  of `grouping`: (canvas,) and None, or (landscape, portrait) and
+  ORIENTATIONS (`for_group` gives a group's Settings).
+  """
   max_instances: int
   min_size: tuple[int, ...]
   max_size: int
   canvas: tuple[int, int]
   flip: bool
   drop_crowd: bool
+  canvases: tuple[tuple[int, int], ...] = ()
+  grouping: Optional[groups.Grouping] = None
+
+  def for_group(self, group: int) -> "Settings":
+    return dataclasses.replace(self, canvas=self.canvases[group])
+
+  def for_size(self, hw) -> "Settings":
+    """The Settings of an image of stored size hw = (h, w)."""
+    return self.for_group(int(orientation(hw)[0]) if self.grouping else 0)
 
 
 def settings(config) -> Settings:
@@ -116,18 +168,31 @@ def settings(config) -> Settings:
         f"config.instances: min_size={c['min_size']}, max_size={max_size}, "
         f"size_divisibility={divisor} and max_instances={g} must be positive "
         "(min_size an int or a non-empty tuple of ints)")
+
+  def round_up(x):
+    return -(-x // divisor) * divisor
+
+  grouped = bool(c["group_by_aspect"])
   canvas = tuple(c["canvas"] or ())
-  if not canvas:  # Fits any orientation: the long side is at most max_size.
-    side = -(-max_size // divisor) * divisor
-    canvas = (side, side)
+  if not canvas and grouped:  # A resized landscape image's short and long side.
+    canvas = (round_up(min(max(min_size), max_size)), round_up(max_size))
+  elif not canvas:  # Fits any orientation: the long side is at most max_size.
+    canvas = (round_up(max_size),) * 2
   if len(canvas) != 2 or min(canvas) < 1 or any(x % divisor for x in canvas):
     raise ConfigError(
         f"config.instances.canvas={canvas} must be (height, width), both "
         f"positive multiples of size_divisibility={divisor}, or () for a "
         "square of max_size rounded up to one")
+  canvas = (int(canvas[0]), int(canvas[1]))
+  if grouped and canvas[0] > canvas[1]:
+    raise ConfigError(
+        f"config.instances.canvas={canvas} is the landscape canvas of "
+        "group_by_aspect (portrait images take its transpose): give height "
+        "<= width, or () for the one min_size and max_size need")
   return Settings(int(g), tuple(int(x) for x in min_size), int(max_size),
-                  (int(canvas[0]), int(canvas[1])), bool(c["flip"]),
-                  bool(c["drop_crowd"]))
+                  canvas, bool(c["flip"]), bool(c["drop_crowd"]),
+                  canvases=(canvas, canvas[::-1]) if grouped else (canvas,),
+                  grouping=ORIENTATIONS if grouped else None)
 
 
 def select_instances(example: Example, max_instances: int,
@@ -284,7 +349,9 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
                   split="train"):
   """Yields the host-local training batches of steps start_step, start_step+1, ...
 
-  Sharding, shuffling, seeding and resuming as segjax.data.streams says.
+  Sharding, shuffling, seeding and resuming as segjax.data.streams says;
+  with group_by_aspect each step's batch holds one orientation, on its
+  canvas.
 
   Yields:
     dict of numpy arrays, B/P examples of the module docstring's form:
@@ -295,11 +362,13 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
   """
   s = settings(config)
   mean, std = tuple(config.augment.mean), tuple(config.augment.std)
+  augments = [lambda seed, ex, sg=s.for_group(g): train_transform(ex, seed, sg, mean, std)
+              for g in range(len(s.canvases))]
   ds = streams.training_stream(
       config, lambda ex: select_instances(ex, s.max_instances, s.drop_crowd),
-      lambda seed, ex: train_transform(ex, seed, s, mean, std),
+      augments if s.grouping else augments[0],
       start_step=start_step, process_index=process_index,
-      process_count=process_count, split=split)
+      process_count=process_count, split=split, grouping=s.grouping)
   yield from streams.checked(ds, config, _check_classes)
 
 
@@ -310,7 +379,9 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
   The per-host batch is eval.batch_size / P rounded up to a multiple of
   `local_devices`; every host yields the same number of batches. Crowd
   instances are kept (flagged in "crowd"); nothing is flipped and the image
-  is resized with the last of `min_size`.
+  is resized with the last of `min_size`. With group_by_aspect the
+  landscape batches come first, then the portrait ones, each on its canvas
+  (the same sequence of shapes on every host).
 
   Yields:
     the train_batches dict plus "mask" int32 [b] (1 = real example),
@@ -320,7 +391,7 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
   s = settings(config)
   mean, std = tuple(config.augment.mean), tuple(config.augment.std)
 
-  def prepare(example):
+  def prepare(example, s):
     ex = select_instances(example, s.max_instances, drop_crowd=False)
     orig_size = tf.shape(ex["image"])[:2]
     out = eval_transform(ex, s, mean, std)
@@ -334,10 +405,12 @@ def eval_batches(config, process_index=None, process_count=None, split=None,
     example["image_id"] = tf.constant(-1, tf.int64)
     return example
 
-  ds = streams.evaluation_stream(config, prepare, blank, split=split,
-                                 process_index=process_index,
+  prepares = [lambda ex, sg=s.for_group(g): prepare(ex, sg)
+              for g in range(len(s.canvases))]
+  ds = streams.evaluation_stream(config, prepares if s.grouping else prepares[0],
+                                 blank, split=split, process_index=process_index,
                                  process_count=process_count,
-                                 local_devices=local_devices)
+                                 local_devices=local_devices, grouping=s.grouping)
   yield from streams.checked(ds, config, _check_classes)
 
 

@@ -4,7 +4,8 @@ papers' losses, COCO AP.
 Training reads segjax.data.instances' stream; frozen parameters
 (mask_rcnn.trainable_mask) get no update. Evaluation follows torchvision's
 reference (references/detection): the detector runs on the resized, padded
-canvas, sharded over every device of every host; each detection's box is
+canvas (with instances.group_by_aspect, its orientation's: one compilation
+per canvas), sharded over every device of every host; each detection's box is
 scaled back to the image as stored and its mask pasted there
 (segjax.detections); pycocotools then scores boxes and masks against the
 ground truth at that resolution, crowd regions included, on process 0.

@@ -1,5 +1,6 @@
 """The Mask R-CNN input pipeline: fixed shapes, joint transforms against numpy
-references, deterministic resumable streams, exact padded evaluation."""
+references, deterministic resumable streams, exact padded evaluation, and
+the same on a canvas per orientation."""
 import itertools
 import json
 
@@ -7,11 +8,12 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 import fake_downloads as fake
 import test_builders_coco as coco_fake
 from conftest import SMALL_DATASET
-from segjax.data import instances, transforms
+from segjax.data import builders, groups, instances, transforms
 from segjax.data.builders import coco
 from segjax.errors import ConfigError, DataError
 
@@ -299,3 +301,112 @@ def test_coco_end_to_end(coco_dir):
   np.testing.assert_array_equal(b["crowd"][k], [False, False, True])
   np.testing.assert_array_equal(b["classes"][k], [1, 3, 1])
   np.testing.assert_array_equal(b["orig_size"][k], [8, 10])
+
+
+# --- a canvas per orientation (group_by_aspect) -------------------------------
+
+
+def test_a_group_decodes_its_examples_as_tfds_does(coco_dir):
+  """groups.members_only leaves images encoded until its filter; what it
+  keeps equals tfds' own decoding, also for image 285 without objects."""
+  builder = builders.load_builder("coco_instances", coco_dir)
+  whole = list(tfds.as_numpy(builder.as_dataset(split="train", shuffle_files=False)))
+  assert [len(ex["objects"]["label"]) for ex in whole].count(0) == 1
+  for member in ([True, True, True], [False, True, True], [True, False, False]):
+    kept = list(tfds.as_numpy(groups.members_only(builder, "train", np.array(member))))
+    want = [ex for ex, m in zip(whole, member) if m]
+    assert len(kept) == len(want)
+    for a, b in zip(kept, want):
+      for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b)):
+        np.testing.assert_array_equal(x, y)
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+
+
+@pytest.fixture(scope="module")
+def mixed_coco_dir(tmp_path_factory):
+  """coco_instances from fake_downloads' COCO download: train 12 images, 8
+  landscape (48 x 64, 43 x 64) and 4 portrait (64 x 48); validation 5, 3
+  landscape and 2 portrait. In read order, halves of train both hold
+  portrait images; of validation, the first half holds only landscape."""
+  root = tmp_path_factory.mktemp("mixed_coco_manual")
+  download = fake.coco_download(root, train=12, val=5)
+  data_dir = str(tmp_path_factory.mktemp("mixed_coco"))
+  builders.load_builder(download.dataset, data_dir, manual_dir=str(root))
+  return data_dir
+
+
+def _grouped_config(data_dir):
+  config = _config(data_dir, "coco_instances/instances", min_size=(32,), max_size=64,
+                   canvas=(), group_by_aspect=True)
+  config.num_classes, config.train.batch_size = 81, 2
+  config.data.num_shards = 2
+  return config
+
+
+def _orientation_canvas(batch):
+  """The batch's canvas, after checking every real image's orientation fits it."""
+  canvas = batch["image"].shape[1:3]
+  assert canvas in ((32, 64), (64, 32)) and batch["masks"].shape[2:] == canvas
+  real = batch["mask"] == 1 if "mask" in batch else slice(None)
+  h, w = batch["image_size"][real].T
+  assert ((h <= w) if canvas == (32, 64) else (h > w)).all()
+  return canvas
+
+
+def test_settings_give_a_canvas_per_orientation():
+  def canvases(**inst):
+    return instances.settings(ml_collections.ConfigDict({"instances": inst})).canvases
+  assert canvases() == ((1344, 1344),)  # The default: one square canvas.
+  assert canvases(group_by_aspect=True) == ((800, 1344), (1344, 800))
+  assert canvases(group_by_aspect=True, min_size=(640, 672, 800)) == ((800, 1344),
+                                                                      (1344, 800))
+  assert canvases(group_by_aspect=True, min_size=(1400,)) == ((1344, 1344),) * 2
+  assert canvases(group_by_aspect=True, canvas=(768, 1344)) == ((768, 1344), (1344, 768))
+  with pytest.raises(ConfigError, match="landscape canvas of group_by_aspect"):
+    canvases(group_by_aspect=True, canvas=(1344, 768))
+
+
+def test_grouped_train_batches_keep_one_orientation_resume_and_ignore_hosts(
+    mixed_coco_dir):
+  config = _grouped_config(mixed_coco_dir)
+  full = _take(instances.train_batches(config, process_index=0, process_count=1), 12)
+  canvases = [_orientation_canvas(b) for b in full]
+  # The deck keeps the split's proportions over every 12 steps (its size).
+  assert canvases.count((32, 64)) == 8 and canvases.count((64, 32)) == 4
+  assert set(np.concatenate([b["image_id"] for b in full])) == set(range(1000, 1012))
+  # Two hosts resuming at step 5 read, together, what one host read from 0.
+  hosts = [_take(instances.train_batches(config, start_step=5, process_index=i,
+                                         process_count=2), 7)
+           for i in range(2)]
+  for step, batch in enumerate(full[5:]):
+    for key in batch:
+      joined = np.concatenate([hosts[0][step][key], hosts[1][step][key]])
+      np.testing.assert_array_equal(joined, batch[key])
+  # A shard without landscape images cannot fill the landscape batches.
+  with pytest.raises(DataError, match="shard 1 of 2 .* has no landscape images"):
+    next(instances.train_batches(config, process_index=0, process_count=1,
+                                 split="validation"))
+
+
+def test_grouped_eval_batches_cover_each_example_once(mixed_coco_dir):
+  """Two hosts of two devices each: batches of 2, padded per orientation."""
+  process_count, local_devices = 2, 2
+  config = _grouped_config(mixed_coco_dir)
+  config.eval.batch_size = 4
+  ids, shapes = [], []
+  for index in range(process_count):
+    batches = list(instances.eval_batches(config, process_index=index,
+                                          process_count=process_count,
+                                          local_devices=local_devices))
+    shapes.append([b["image"].shape for b in batches])
+    for batch in batches:
+      _orientation_canvas(batch)
+      real = batch["mask"] == 1
+      assert batch["image"].shape[0] % local_devices == 0
+      assert (batch["image_id"][~real] == -1).all() and not batch["valid"][~real].any()
+      ids.extend(batch["image_id"][real].tolist())
+  # Every host meets the same shapes in the same order: landscape, then portrait.
+  assert all(s == shapes[0] for s in shapes)
+  canvases = [s[1:3] for s in shapes[0]]
+  assert canvases == sorted(canvases) and len(set(canvases)) == 2
+  assert sorted(ids) == list(range(1012, 1017))

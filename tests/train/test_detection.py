@@ -348,12 +348,15 @@ def perfect_coco(tmp_path_factory):
   return str(data_dir), patterns
 
 
-def _perfect_config(data_dir, mode, config="mask_rcnn_shapes.py"):
+def _perfect_config(data_dir, mode, config="mask_rcnn_shapes.py", grouped=False):
+  # Grouped: landscape images on 32 x 64, portrait ones on 64 x 32.
+  canvas = ["instances.min_size=(32,)", "instances.canvas=()",
+            "instances.group_by_aspect=True"] if grouped else [
+            "instances.min_size=(48,)", "instances.canvas=64,64"]
   return config_lib.load_config(
       os.path.join(REPO, "configs", f"{config}:tiny"),
       ["dataset=coco_instances", f"data_dir={data_dir}", "num_classes=81",
-       "instances.min_size=(48,)", "instances.max_size=64", "instances.canvas=64,64",
-       "eval.batch_size=8", f"parallel.mode={mode}"])
+       "instances.max_size=64", *canvas, "eval.batch_size=8", f"parallel.mode={mode}"])
 
 
 def _canvas_ground_truth(config, patterns):
@@ -389,12 +392,15 @@ def _perfect_detect_step(truth, answer_for, masks=True):
 
   def detect_step(state, batch, *, model, axis_name=None):
     del state, model, axis_name
+    detect_step.traces.append(batch["image"].shape[-3:-1])  # once per compilation
+    detect_step.traces.append(batch["image"].shape[-3:-1])  # once per compilation
     row = jnp.argmax(batch["image_id"][:, None] == ids[None, :], axis=1)
     boxes, classes, valid, probs = (jnp.asarray(t)[row] for t in table)
     passed = {k: batch[k] for k in ("image_size", "image_id", "orig_size", "mask")}
     out = {**passed, "boxes": boxes, "scores": valid.astype(jnp.float32),
            "classes": classes, "valid": valid}
     return {**out, "mask_probs": probs} if masks else out
+  detect_step.traces = []
   return detect_step
 
 
@@ -405,28 +411,30 @@ def _evaluate_with(config, tmp_path, monkeypatch, detect_step, num_devices):
     return trainer.evaluate(None, "validation")
 
 
-# 8 devices: a batch of 8 real images, then 3 real and 5 padding; 3 devices:
-# batches rounded up to 9, 9 real then 2 real and 7 padding; 1 device: as 8.
+# 8 devices: a batch of 8 real images, then 3 real and 5 padding; 3 devices,
+# a canvas per orientation: batches rounded up to 9, 7 landscape and square
+# images and 2 padding, then 4 portrait and 5 padding; 1 device: as 8.
 # Faster R-CNN's config: the same evaluation, of boxes alone.
-@pytest.mark.parametrize("num_devices,mode,config", [
-    (8, "jit", "mask_rcnn_shapes.py"), (3, "pmap", "mask_rcnn_shapes.py"),
-    (1, "jit", "mask_rcnn_shapes.py"), (8, "jit", "faster_rcnn_shapes.py")])
+@pytest.mark.parametrize("num_devices,mode,config,grouped", [
+    (8, "jit", "mask_rcnn_shapes.py", False), (3, "pmap", "mask_rcnn_shapes.py", True),
+    (1, "jit", "mask_rcnn_shapes.py", False), (8, "jit", "faster_rcnn_shapes.py", False)])
 def test_perfect_detections_score_ap_one(perfect_coco, tmp_path, monkeypatch,
-                                         num_devices, mode, config):
+                                         num_devices, mode, config, grouped):
   """The evaluation `segjax train` and `segjax eval` run for detectors, on
   any number of devices with a padded last batch, gives box and mask AP 1.0
   (box AP alone without masks) to a detector that answers the ground truth
   in the canvas frame; the same answers given to the wrong images score
   near 0. So image ids, padding, and the mapping of boxes and masks back to
-  each image's stored size are right."""
+  each image's stored size are right, also from the orientation canvases,
+  which compile once each."""
   data_dir, patterns = perfect_coco
-  config = _perfect_config(data_dir, mode, config)
+  config = _perfect_config(data_dir, mode, config, grouped)
   masks = config.model.startswith("mask_rcnn")
   kinds = ("box", "mask") if masks else ("box",)
   truth = _canvas_ground_truth(config, patterns)
-  right = _evaluate_with(config, tmp_path / "right", monkeypatch,
-                         _perfect_detect_step(truth, {i: i for i in PERFECT_IDS}, masks),
-                         num_devices)
+  step = _perfect_detect_step(truth, {i: i for i in PERFECT_IDS}, masks)
+  right = _evaluate_with(config, tmp_path / "right", monkeypatch, step, num_devices)
+  assert step.traces == ([(32, 64), (64, 32)] if grouped else [(64, 64)])
   assert right["num_images"] == len(PERFECT_IDS)
   assert any(k.startswith("mask_") for k in right) == masks
   for key in (f"{kind}_{stat}" for kind in kinds for stat in ("ap", "ap75", "ar100")):
