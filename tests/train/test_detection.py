@@ -393,7 +393,6 @@ def _perfect_detect_step(truth, answer_for, masks=True):
   def detect_step(state, batch, *, model, axis_name=None):
     del state, model, axis_name
     detect_step.traces.append(batch["image"].shape[-3:-1])  # once per compilation
-    detect_step.traces.append(batch["image"].shape[-3:-1])  # once per compilation
     row = jnp.argmax(batch["image_id"][:, None] == ids[None, :], axis=1)
     boxes, classes, valid, probs = (jnp.asarray(t)[row] for t in table)
     passed = {k: batch[k] for k in ("image_size", "image_id", "orig_size", "mask")}
