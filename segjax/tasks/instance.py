@@ -22,7 +22,8 @@ from segjax.train import optim
 
 # The keys of an instance batch the compiled steps read; the rest (crowd,
 # num_dropped, int64 ids) stays on the host.
-TRAIN_KEYS = ("image", "image_size", "boxes", "classes", "masks", "valid")
+TRAIN_KEYS = ("image", "image_size", "boxes", "classes", "mask_crops", "mask_boxes",
+              "valid")
 EVAL_KEYS = ("image", "image_size", "orig_size", "mask", "image_id")
 
 
@@ -36,8 +37,8 @@ def objective(model, variables, batch, key, axis_name=None):
 
   Args:
     batch: segjax.data.instances' training batch: "image" [B,H,W,3],
-      "image_size" [B,2], "boxes" [B,G,4], "classes" [B,G], "masks"
-      [B,G,H,W], "valid" [B,G].
+      "image_size" [B,2], "boxes" [B,G,4], "classes" [B,G], "mask_crops"
+      [B,G,M,M], "mask_boxes" [B,G,4], "valid" [B,G].
     key: the anchor and ROI samplers' key.
   """
   out, updates = mask_rcnn.train_losses(model, variables, batch, key)
