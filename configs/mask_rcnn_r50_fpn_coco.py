@@ -17,9 +17,9 @@ Static shapes: every image sits on a 1344 x 1344 canvas (either
 orientation fits) with up to 100 instances (COCO train2017 has at most 93
 non-crowd ones per image). Detectron pads each batch only to its largest
 image, so it computes less on landscape-only batches; the fixed canvas is
-what lets one compiled step serve every batch. Mask targets take 100 x
-1344^2 bytes per image on the host: lower instances.max_instances or the
-batch for small hosts.
+what lets one compiled step serve every batch. Ground-truth masks travel
+as 112 x 112 crops of their boxes, 100 x 112^2 bytes per image
+(segjax.data.instances).
 
 Where the dataset comes from: segjax.data.builders.coco (coco_instances,
 built from the official zip files under the tfds manual dir). The 80
