@@ -40,6 +40,7 @@ import numpy as np
 
 from segjax import config as config_lib
 from segjax import models, tasks
+from segjax.data.instances import MASK_CROP_SIZE as CROP
 from segjax.models.detection import mask_rcnn
 from segjax.models.remat import KEEP_REMAT
 from segjax.train import optim, steps
@@ -85,7 +86,8 @@ def abstract_inputs(name, model, tx, config, hw, n):
     g = config.instances.max_instances
     batch = {"image": spec((n, *hw, 3), jnp.float32), "image_size": spec((n, 2), jnp.int32),
              "boxes": spec((n, g, 4), jnp.float32), "classes": spec((n, g), jnp.int32),
-             "masks": spec((n, g, *hw), jnp.uint8), "valid": spec((n, g), jnp.bool_)}
+             "mask_crops": spec((n, g, CROP, CROP), jnp.uint8),
+             "mask_boxes": spec((n, g, 4), jnp.float32), "valid": spec((n, g), jnp.bool_)}
   else:
     batch = {"image": spec((n, *hw, 3), jnp.float32), "label": spec((n, *hw), jnp.int32)}
   return state, batch, jax.eval_shape(lambda: jax.random.PRNGKey(1))
@@ -130,14 +132,14 @@ def time_row(name, dtype, remat, size, runs):
   batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
   if "label" in batch:
     batch["label"] = rng.integers(0, config.num_classes, batch["label"].shape).astype(np.int32)
-  else:  # 7 boxes of a quarter of the canvas, box-shaped masks
+  else:  # 7 boxes of a quarter of the canvas, box-shaped masks (crops all on)
     g = 7
     q = size // 4
     batch["image_size"][:] = size
     for j in range(g):
       x, y = rng.integers(0, size - q, 2)
-      batch["boxes"][0, j] = (x, y, x + q, y + q)
-      batch["masks"][0, j, y:y + q, x:x + q] = 1
+      batch["boxes"][0, j] = batch["mask_boxes"][0, j] = (x, y, x + q, y + q)
+      batch["mask_crops"][0, j] = 255
     batch["classes"][0, :g] = rng.integers(1, config.num_classes, g)
     batch["valid"][0, :g] = True
   key = jax.random.PRNGKey(1)

@@ -20,7 +20,9 @@ For each model (paper defaults, `num_classes` 21): parameter count, GFLOPs of
 one inference and of one SGD train step (XLA cost analysis of the compiled
 program), compile seconds, median inference and train-step time over --runs
 runs after a warm-up (block_until_ready), images/s, peak memory and, on an
-accelerator with a known peak, MFU of the train step. Where a PyTorch original
+accelerator with a known peak, MFU of the train step. h2d_mb is what one
+train step's batch copies from host to device, MB (10^6 bytes), summed
+over its arrays (not timed). Where a PyTorch original
 exists (TORCH_ORIGINALS: torchvision's fcn_resnet50 / deeplabv3_resnet50,
 Hugging Face's SegformerForSemanticSegmentation for segformer_b*) and its
 library is importable, it is timed in the same run and the ratio printed.
@@ -37,7 +39,10 @@ Settings are the variants' defaults: torchvision's (2000 / 1000 proposals per
 image in train / test, 256 anchors and 512 rois sampled, 100 detections; C4:
 Detectron's 12000 / 6000 pre-NMS candidates), frozen BatchNorm and the top 3
 ResNet stages trained. Ground truth: boxes of 16-400 pixels a side
-(log-uniform, fixed seed) with box-shaped masks, random classes. For
+(log-uniform, fixed seed) with box-shaped masks, random classes; the masks
+go in as segjax.data.instances makes them, 112 x 112 uint8 crops with
+their boxes (h2d_mb_full_masks: the batch's bytes with image-sized uint8
+masks instead, as they were before). For
 mask_rcnn_r50_fpn, where torchvision is importable, torchvision's
 maskrcnn_resnet50_fpn is timed on the same images and targets in train (SGD
 momentum step, loss sum) and eval mode: built as that function builds it for
@@ -60,6 +65,7 @@ import ml_collections
 import numpy as np
 
 from segjax import losses, models
+from segjax.data import instances as data_instances
 from segjax.models.detection import mask_rcnn
 from segjax.tasks import instance, semantic
 from segjax.train import optim, steps
@@ -197,7 +203,8 @@ def bench_model(spec, args):
   train_c, train_compile, train_gflops = compile_jax(train, state, batch, key)
   row = dict(model=spec, task="semantic", input=f"{height}x{width}", batch=n,
              params_m=params / 1e6, infer_gflops=infer_gflops,
-             train_gflops=train_gflops, compile_s=infer_compile + train_compile)
+             train_gflops=train_gflops, compile_s=infer_compile + train_compile,
+             h2d_mb=h2d_mb(batch))
   if args.flops_only:
     return row
   infer_s = median_time(lambda: jax.block_until_ready(infer_c(variables, batch["image"])),
@@ -250,7 +257,9 @@ def synthetic_instances(n, canvas, image, classes, instances, seed=0):
   Images: normal noise in each image's h x w, zeros in the canvas padding.
   Ground truth: `instances` boxes per image, sides log-uniform in 16..400
   pixels (at most the image's), uniformly placed inside the image, with
-  box-shaped masks and classes in 1..classes-1. Numpy arrays, fixed seed.
+  box-shaped masks (crops all on over their boxes: "mask_crops" uint8
+  [n, G, M, M], "mask_boxes" = "boxes") and classes in 1..classes-1. Numpy
+  arrays, fixed seed.
   """
   rng = np.random.default_rng(seed)
   (height, width), (h, w) = canvas, image
@@ -260,14 +269,27 @@ def synthetic_instances(n, canvas, image, classes, instances, seed=0):
   bw, bh = np.minimum(sides[..., 0], w - 1), np.minimum(sides[..., 1], h - 1)
   x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
   boxes = np.round(np.stack([x1, y1, x1 + bw, y1 + bh], -1)).astype(np.float32)
-  masks = np.zeros((n, instances, height, width), np.uint8)
-  for i, j in np.ndindex(n, instances):
-    bx1, by1, bx2, by2 = boxes[i, j].astype(int)
-    masks[i, j, by1:by2, bx1:bx2] = 1
+  crop = data_instances.MASK_CROP_SIZE
   return {"image": images, "image_size": np.tile(np.int32([h, w]), (n, 1)),
           "boxes": boxes,
           "classes": rng.integers(1, classes, (n, instances)).astype(np.int32),
-          "masks": masks, "valid": np.ones((n, instances), bool)}
+          "mask_crops": np.full((n, instances, crop, crop), 255, np.uint8),
+          "mask_boxes": boxes, "valid": np.ones((n, instances), bool)}
+
+
+def box_masks(boxes, canvas):
+  """uint8 [n, G, H, W]: 1 inside each (integer) box, the image-sized
+  masks of synthetic_instances' crops."""
+  masks = np.zeros(boxes.shape[:2] + tuple(canvas), np.uint8)
+  for i, j in np.ndindex(boxes.shape[:2]):
+    bx1, by1, bx2, by2 = boxes[i, j].astype(int)
+    masks[i, j, by1:by2, bx1:bx2] = 1
+  return masks
+
+
+def h2d_mb(batch):
+  """MB (10^6 bytes) of a batch's arrays: what a step copies to the device."""
+  return sum(np.asarray(v).nbytes for v in batch.values()) / 1e6
 
 
 def bench_detector(name, options, spec, args):
@@ -290,7 +312,8 @@ def bench_detector(name, options, spec, args):
   trained = sum(int(np.prod(p.shape)) for p, t in zip(leaves, trains) if t)
 
   data = synthetic_instances(n, canvas, image, classes, args.instances)
-  batch = {k: jnp.asarray(v) for k, v in data.items()}
+  batch = {k: jnp.asarray(data[k]) for k in instance.TRAIN_KEYS}
+  full_masks = n * args.instances * canvas[0] * canvas[1]  # uint8 [n, G, H, W]
   infer = lambda v, x, s: model.apply(v, x, s, train=False, paste=True)
   infer_variables = {"params": state.params, "batch_stats": state.batch_stats}
   infer_c, infer_compile, infer_gflops = compile_jax(
@@ -304,7 +327,9 @@ def bench_detector(name, options, spec, args):
              input=f"{image[0]}x{image[1]} in {canvas[0]}x{canvas[1]}", batch=n,
              instances=args.instances, params_m=count / 1e6, trained_params_m=trained / 1e6,
              infer_gflops=infer_gflops, train_gflops=train_gflops,
-             compile_s=infer_compile + train_compile)
+             compile_s=infer_compile + train_compile, h2d_mb=h2d_mb(batch),
+             h2d_mb_full_masks=(h2d_mb(batch) - batch["mask_crops"].nbytes / 1e6
+                                + full_masks / 1e6))
   if args.flops_only:
     return row
   # Inference first: the train step then owns the state (donated, so the
@@ -353,6 +378,7 @@ def bench_torch_detector(name, data, args):
   gpu = torch.cuda.is_available()
   device = torch.device("cuda" if gpu else "cpu")
   h, w = (int(v) for v in data["image_size"][0])
+  masks = box_masks(data["boxes"], (h, w))
   backbone = resnet50(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
   backbone = _resnet_fpn_extractor(backbone, 3)
   net = MaskRCNN(backbone, num_classes=int(args.classes or 91), min_size=min(h, w),
@@ -361,7 +387,7 @@ def bench_torch_detector(name, data, args):
             for x in data["image"]]
   targets = [{"boxes": torch.from_numpy(data["boxes"][i]).to(device),
               "labels": torch.from_numpy(data["classes"][i]).long().to(device),
-              "masks": torch.from_numpy(data["masks"][i, :, :h, :w]).contiguous().to(device)}
+              "masks": torch.from_numpy(masks[i]).to(device)}
              for i in range(len(images))]
   opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01,
                         momentum=0.9)
@@ -388,7 +414,7 @@ def bench_torch_detector(name, data, args):
   return train_s, infer_s, detections
 
 
-COLUMNS = ("model", "params_m", "infer_gflops", "train_gflops", "compile_s",
+COLUMNS = ("model", "params_m", "infer_gflops", "train_gflops", "compile_s", "h2d_mb",
            "infer_images_per_sec", "train_images_per_sec", "peak_memory_mb", "mfu",
            "torch_ratio", "torch_infer_ratio")
 

@@ -23,9 +23,9 @@ evaluation step. An 800 x 1333 image fills its canvas but for 0.8 %,
 where one 1344 x 1344 canvas for both orientations
 (--config.instances.group_by_aspect=False) computes 1.7x its pixels;
 Detectron pads each batch only to its largest image, so it computes less
-still on batches of narrower images. Mask targets take 100 x 800 x 1344
-bytes per image on the host: lower instances.max_instances or the batch
-for small hosts.
+still on batches of narrower images. Ground-truth masks travel as 112 x
+112 crops of their boxes, 100 x 112^2 bytes per image
+(segjax.data.instances).
 
 Where the dataset comes from: segjax.data.builders.coco (coco_instances,
 built from the official zip files under the tfds manual dir). The 80

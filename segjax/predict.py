@@ -80,8 +80,7 @@ def instance_files(model, variables, config, paths: Sequence[str], output_dir: s
     image = inference.read_image(path)
     ex = instances.eval_transform(
         {"image": tf.constant(image), "boxes": tf.zeros([0, 4]),
-         "classes": tf.zeros([0], tf.int32), "crowd": tf.zeros([0], tf.bool),
-         "masks": tf.zeros([0, *image.shape[:2]], tf.uint8)},
+         "classes": tf.zeros([0], tf.int32), "crowd": tf.zeros([0], tf.bool)},
         s.for_size(image.shape[:2]), tuple(config.augment.mean), tuple(config.augment.std))
     image_size = ex["image_size"].numpy()
     out = jax.device_get(detect(variables, ex["image"].numpy()[None], image_size[None]))

@@ -26,7 +26,8 @@ def instance_ground_truth(config, split: str) -> Iterator[Dict]:
   if "image_id" not in ds.element_spec:
     raise DataError(f"dataset {config.dataset} has no image_id feature; COCO "
                     "evaluation matches detections to ground truth by it")
-  ds = ds.map(lambda ex: instances.select_instances(ex, _ALL_INSTANCES, drop_crowd=False),
+  ds = ds.map(lambda ex: instances.select_instances(ex, _ALL_INSTANCES, drop_crowd=False,
+                                                    mask_size=None),
               num_parallel_calls=tf.data.AUTOTUNE)
   for ex in streams.checked(ds.prefetch(2), config, lambda *_: None):
     height, width = ex["image"].shape[:2]

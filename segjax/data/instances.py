@@ -12,8 +12,12 @@ one shape for every batch, so here each example becomes
   boxes:       float32 [G, 4] (x1, y1, x2, y2) in canvas pixels
   classes:     int32 [G] in 1..K (dataset label + 1); 0 = padding, as
                background is 0 in torchvision
-  masks:       uint8 [G, Hc, Wc], 1 inside the instance, 0 elsewhere and
-               in the canvas padding
+  mask_crops:  uint8 [G, M, M], each instance's mask over its crop box
+               resized to M x M (M = MASK_CROP_SIZE = 112), soft: 0..255
+               for 0..1; all 0 in padding rows (see Masks below)
+  mask_boxes:  float32 [G, 4] (x1, y1, x2, y2) canvas pixels, the box each
+               crop spans: the instance's box grown by 1 stored pixel a
+               side (so partly off the image at its edges); 0 in padding
   valid:       bool [G], True for real rows
   crowd:       bool [G], True for kept crowd regions (see drop_crowd)
   num_dropped: int32 [], instances that did not fit in G
@@ -27,8 +31,49 @@ detectron2's COCO loaders do; evaluation keeps them, flagged in `crowd`, for
 COCO-style matching. Boxes are clipped to the image and zero-area boxes
 dropped, as torchvision's ConvertCocoPolysToMask does.
 
-Memory: masks take G * Hc * Wc bytes per image (100 * 1344^2 = 180 MB at
-the COCO defaults), so lower max_instances or the canvas for big batches.
+Masks: a training step needs each sampled roi's 28 x 28 (C4: 14 x 14)
+target, ROI-aligned from its instance's mask (torchvision's
+project_masks_on_boxes). Image-sized masks would cost G * Hc * Wc bytes an
+image (100 * 1344^2 = 180 MB at the COCO defaults, 2.9 GB a batch of 16),
+made here and copied to the device every step for a few thousand target
+pixels. So, as TF Model Garden's Mask R-CNN does, each mask leaves as an
+M x M crop around its box (`crop_masks`: from the mask as stored, before
+resizing; bilinear, 2 x 2 samples a crop pixel; 0..255), with the box it
+spans, and the model aligns the targets from the crop through that box
+(targets.compact_mask_targets): G * M^2 bytes an image, 1.25 MB; with the
+boxes 20.1 MB a batch of 16 instead of 2.89 GB, 144 times less. Scaling
+the image scales the crop box only; flipping mirrors the crop with it.
+The crop box is the instance's box grown by CROP_MARGIN = 1 pixel a side,
+so that it holds all of the mask as torchvision's roi_align reads it
+(bilinear, so up to half a pixel past the mask's edge).
+
+M = 112 = 4 x 28: a positive roi (IoU >= 0.5 with its box, so 1/2 to 2
+times the box a side) spans 2 to 8 crop pixels a target bin, and the crop
+resolves what the targets' adaptive sampling sees. Mean |difference| to
+torchvision's targets from the image-sized masks (28 x 28 targets of rois
+jittered about the boxes at IoU >= 0.5, 12 segjax_shapes scenes a row):
+
+  M                                     28      56      112     224
+  objects 20-60 px (128^2 scenes)      .0176   .0067   .0037   .0031
+  the same, images scaled by 1.6       .0219   .0130   .0113   .0110
+  objects 80-240 px (512^2 scenes)     .0199   .0064   .0018   .0007
+
+Small objects are at the floor by 112; large ones still gain at 224, for
+4 times the bytes. The floor of the scaled row is torchvision's: its masks
+are resized with nearest neighbour, the crops come from the stored mask.
+Against targets from the stored mask itself, torchvision's differ there by
+.0099 and the crops' by .0053 (objects of 64^2 scenes scaled by 1.5: .026
+and .0052). C4's 14 x 14 targets differ by .0093 and .0012 (rows 2, 3).
+What else was measured at M = 112: 2 x 2 samples a crop pixel rather than
+1 take the largest difference on large objects from .27 to .13 (the mean
+stays); without the margin, row 1 is .0043 (largest difference .52
+instead of .26); reading the crop at pixel centres instead of at
+torchvision's half-pixel offset (compact_mask_targets) would make row 1
+.030.
+
+Evaluation batches carry the crops too; neither form reaches the device
+there (tasks.instance.EVAL_KEYS), and COCO AP compares with the masks as
+stored (segjax.data.ground_truth, `select_instances(mask_size=None)`).
 
 Canvases. One canvas: every image on (Hc, Wc), `canvas` or a square of
 max_size that fits either orientation; a landscape 800 x 1333 image then
@@ -76,10 +121,11 @@ Resizing follows GeneralizedRCNNTransform: scale = min(min_size / short,
 max_size / long), and, beyond torchvision, also at most canvas / size so the
 image always fits the canvas. Sizes round to the nearest pixel (detectron2's
 ResizeShortestEdge) where torchvision floors, so the short side is exactly
-min_size rather than sometimes one less. Boxes scale by new / old size per
-axis; images resize bilinearly (half-pixel centres, no antialiasing), masks
-with nearest neighbour as both libraries do, so they stay binary (the
-key-generic ops of segjax.data.ops do all three).
+min_size rather than sometimes one less. Boxes and mask boxes scale by new
+/ old size per axis; images resize bilinearly (half-pixel centres, no
+antialiasing); crops stay as they are (the key-generic ops of
+segjax.data.ops do all of this; image-sized masks, for `mask_size=None`,
+resize with nearest neighbour as both libraries do).
 
 Streams: `train_batches` and `eval_batches` read segjax.data.streams, as
 the semantic ones do (see its docstring): the training stream is a pure
@@ -101,6 +147,12 @@ from segjax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from segjax.errors import ConfigError, DataError
 
 Example = dict[str, tf.Tensor]
+# The ground-truth mask crops: side M, samples per crop pixel and axis,
+# pixels added to each side of the box; "Masks" in the module docstring
+# says why.
+MASK_CROP_SIZE = 112
+CROP_SUPERSAMPLE = 2
+CROP_MARGIN = 1.0
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -195,8 +247,8 @@ def settings(config) -> Settings:
                   grouping=ORIENTATIONS if grouped else None)
 
 
-def select_instances(example: Example, max_instances: int,
-                     drop_crowd: bool = True) -> Example:
+def select_instances(example: Example, max_instances: int, drop_crowd: bool = True,
+                     mask_size: int | None = MASK_CROP_SIZE) -> Example:
   """tfds features -> the first <= G usable instances, not yet padded.
 
   Args:
@@ -206,11 +258,15 @@ def select_instances(example: Example, max_instances: int,
       "image_id" passes through.
     max_instances: G.
     drop_crowd: leave out crowd instances (else keep them, flagged).
+    mask_size: M of the masks' box crops (`crop_masks`); None keeps the
+      image-sized masks (evaluation's ground truth).
 
   Returns:
     {"image": uint8 [H, W, 3], "boxes": float32 [N, 4] clipped to the image,
-    "classes": int32 [N] (label + 1), "masks": uint8 [N, H, W], "crowd": bool
-    [N], "num_dropped": int32 []}, N <= G; boxes of zero area are left out.
+    "classes": int32 [N] (label + 1), "mask_crops": uint8 [N, M, M] and
+    "mask_boxes": float32 [N, 4] (or "masks": uint8 [N, H, W]), "crowd":
+    bool [N], "num_dropped": int32 []}, N <= G; boxes of zero area are left
+    out.
   """
   image = example["image"]
   objects = example["objects"]
@@ -243,18 +299,79 @@ def select_instances(example: Example, max_instances: int,
   }
   if "image_id" in example:
     out["image_id"] = tf.cast(example["image_id"], tf.int64)
+  return out if mask_size is None else crop_masks(out, mask_size)
+
+
+def crop_masks(ex: Example, size: int = MASK_CROP_SIZE,
+               supersample: int = CROP_SUPERSAMPLE, margin: float = CROP_MARGIN
+               ) -> Example:
+  """Replaces the image-sized "masks" by M x M crops around their boxes.
+
+  The mask is read as torchvision's roi_align reads it, bilinear between
+  pixel values, but with pixel (r, c)'s value at its centre (c + 1/2,
+  r + 1/2) and constant from the border pixels' centres to half a pixel
+  past the image (where torchvision reads pixel k at x = k, and clamps to
+  the border over [-1, 0] and [W - 1, W]). Each crop pixel averages
+  supersample^2 samples of it: crop pixel j covers [x1 + j s, x1 + (j + 1)
+  s), s = (x2 - x1) / M, of the crop box (x1, y1, x2, y2), the instance's
+  box grown by `margin` pixels a side so that the half-pixel ramp around
+  the mask's edge, and any extension past the image, are inside the crop.
+  The crop is thus box-relative: scaling the image scales its box only,
+  flipping the image mirrors the crop about its box's centre.
+
+  Args:
+    ex: "masks" uint8 [N, H, W] and "boxes" float32 [N, 4] (x1, y1, x2, y2)
+      with positive area inside the image (`select_instances`' rows).
+    size: M, the crop's side.
+    supersample: samples per crop pixel and axis (antialiasing where a
+      box is larger than M pixels).
+    margin: pixels added to each side of a box.
+
+  Returns:
+    ex without "masks", with "mask_crops" uint8 [N, M, M] (0..255 for
+    0..1) and "mask_boxes" float32 [N, 4], the crop boxes.
+  """
+  masks = ex["masks"]
+  boxes = tf.cast(ex["boxes"], tf.float32) + tf.constant([-1.0, -1.0, 1.0, 1.0]) * margin
+  n = tf.shape(masks)[0]
+  samples = size * supersample
+  # One border pixel more on each side (tf.pad's SYMMETRIC mode does the
+  # same 10x slower): samples up to half a pixel past the image then read
+  # the border pixel, past that the zeros crop_and_resize puts outside.
+  padded = masks[..., None]
+  padded = tf.concat([padded[:, :1], padded, padded[:, -1:]], 1)
+  padded = tf.concat([padded[:, :, :1], padded, padded[:, :, -1:]], 2)
+  x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
+  step_x, step_y = (x2 - x1) / samples, (y2 - y1) / samples
+  # Samples from x1 + step / 2 to x2 - step / 2. Position c + 1/2 (pixel
+  # c's centre) is index c + 1 of the padded mask, and crop_and_resize
+  # reads index a * (L - 1) at the normalised coordinate a, L = W + 2.
+  first = tf.stack([y1 + step_y / 2, x1 + step_x / 2], -1) + 0.5
+  last = tf.stack([y2 - step_y / 2, x2 - step_x / 2], -1) + 0.5
+  length = tf.cast(tf.shape(masks)[1:3], tf.float32) + 1.0
+  norm = tf.concat([first / length, last / length], -1)
+  dense = tf.image.crop_and_resize(padded, norm, tf.range(n), [samples, samples])
+  if supersample > 1:
+    dense = tf.nn.avg_pool2d(dense, supersample, supersample, "VALID")
+  out = {k: v for k, v in ex.items() if k != "masks"}
+  out["mask_crops"] = tf.ensure_shape(
+      tf.cast(tf.round(dense[..., 0] * 255.0), tf.uint8), [None, size, size])
+  out["mask_boxes"] = boxes
   return out
 
 
 def pad_instances(ex: Example, max_instances: int) -> Example:
   """Pads the N <= G instance rows to G and adds "valid" [G] bool.
 
-  Padding rows have box 0, class 0, an all-zero mask and crowd False.
+  Padding rows have box 0, class 0, an all-zero mask or crop (its box 0)
+  and crowd False.
   """
   n = tf.shape(ex["boxes"])[0]
   pad = max_instances - n
   out = dict(ex)
-  for key in ("boxes", "classes", "masks", "crowd"):
+  for key in ("boxes", "classes", "masks", "mask_crops", "mask_boxes", "crowd"):
+    if key not in ex:  # masks, or crops and their boxes
+      continue
     value = ex[key]
     rows = [[0, pad]] + [[0, 0]] * (value.shape.rank - 1)
     out[key] = tf.ensure_shape(tf.pad(value, rows),
@@ -263,15 +380,16 @@ def pad_instances(ex: Example, max_instances: int) -> Example:
   return out
 
 
-def instance_example(example: Example, max_instances: int,
-                     drop_crowd: bool = True) -> Example:
+def instance_example(example: Example, max_instances: int, drop_crowd: bool = True,
+                     mask_size: int | None = MASK_CROP_SIZE) -> Example:
   """tfds features -> G fixed rows at the image's own size (no transform).
 
   `select_instances` then `pad_instances`: "image" uint8 [H, W, 3], "boxes"
-  float32 [G, 4], "classes" int32 [G], "masks" uint8 [G, H, W], "valid" bool
-  [G], "crowd" bool [G], "num_dropped" int32 [].
+  float32 [G, 4], "classes" int32 [G], "mask_crops" uint8 [G, M, M] and
+  "mask_boxes" float32 [G, 4] (mask_size None: "masks" uint8 [G, H, W]),
+  "valid" bool [G], "crowd" bool [G], "num_dropped" int32 [].
   """
-  return pad_instances(select_instances(example, max_instances, drop_crowd),
+  return pad_instances(select_instances(example, max_instances, drop_crowd, mask_size),
                        max_instances)
 
 
@@ -287,21 +405,24 @@ def resized_size(hw: tf.Tensor, min_size, max_size: int,
 
 
 def resize(ex: Example, min_size, max_size: int, canvas: tuple[int, int]) -> Example:
-  """Resizes image (bilinear), masks (nearest) and boxes together.
+  """Resizes the image (bilinear) and scales boxes and mask boxes with it.
 
   Args:
-    ex: "image" [H, W, 3], "boxes" [N, 4], "masks" [N, H, W].
+    ex: "image" [H, W, 3], "boxes" [N, 4], "mask_crops" [N, M, M] and
+      "mask_boxes" [N, 4] or "masks" [N, H, W].
     min_size: int or scalar int tensor (the drawn scale).
 
   Returns:
-    ex with image float32 [h, w, 3], masks uint8 [N, h, w], boxes scaled by
-    (w / W, h / H) and clipped to (w, h).
+    ex with image float32 [h, w, 3], boxes scaled by (w / W, h / H) and
+    clipped to (w, h), mask boxes scaled alike (crops unchanged: they are
+    box-relative) or masks resized to uint8 [N, h, w] (nearest).
   """
   return ops.resize(ex, resized_size(ops.size_of(ex), min_size, max_size, canvas))
 
 
 def hflip(ex: Example) -> Example:
-  """Mirrors image and masks left-right; boxes become (W - x2, y1, W - x1, y2).
+  """Mirrors image and masks (or crops) left-right; boxes and mask boxes
+  become (W - x2, y1, W - x1, y2).
 
   Rows marked invalid (if "valid" is present) keep their zero boxes.
   """
@@ -309,7 +430,8 @@ def hflip(ex: Example) -> Example:
 
 
 def pad_to_canvas(ex: Example, canvas: tuple[int, int]) -> Example:
-  """Pads image (0) and masks (0) bottom/right to `canvas`; adds "image_size"."""
+  """Pads image (0) and any masks (0) bottom/right to `canvas` (crops stay
+  as they are); adds "image_size"."""
   ex = ops.pad({**ex, "image_size": ops.size_of(ex)}, canvas)
   return ops.with_size(ex, *canvas)
 
@@ -356,9 +478,10 @@ def train_batches(config, start_step=0, process_index=None, process_count=None,
   Yields:
     dict of numpy arrays, B/P examples of the module docstring's form:
     "image" float32 [b, Hc, Wc, 3], "image_size" int32 [b, 2], "boxes"
-    float32 [b, G, 4], "classes" int32 [b, G], "masks" uint8 [b, G, Hc, Wc],
-    "valid" / "crowd" bool [b, G], "num_dropped" int32 [b], plus "image_id"
-    int64 [b] where the dataset has it.
+    float32 [b, G, 4], "classes" int32 [b, G], "mask_crops" uint8
+    [b, G, M, M], "mask_boxes" float32 [b, G, 4], "valid" / "crowd" bool
+    [b, G], "num_dropped" int32 [b], plus "image_id" int64 [b] where the
+    dataset has it.
   """
   s = settings(config)
   mean, std = tuple(config.augment.mean), tuple(config.augment.std)

@@ -19,6 +19,12 @@ Keys and how each op treats them; any other key passes through untouched:
                          image, mirrored, shifted by crops, always clipped
                          to the image; rows where "valid" [N] is False keep
                          their (zero) boxes on flips
+  mask_boxes  [N, 4]     the boxes "mask_crops" were cut from: moved as
+                         "boxes" but never clipped, as a crop spans its
+                         whole box wherever the image ends
+  mask_crops  [N, M, M]  instance masks in their mask_boxes' frame: not
+                         resized, cropped or padded (scaling the image
+                         scales the box only), mirrored left-right by flips
   image_size  [2]        int32 (h, w) of the real image in the tensor;
                          set to the new size by resize and crop, kept by pad
 
@@ -53,8 +59,16 @@ PIXEL_KEYS = {
 }
 
 
+# Box keys -> whether an op clips them to the image.
+BOX_KEYS = {"boxes": True, "mask_boxes": False}
+
+
 def _pixel_keys(ex: Example):
   return [(k, PIXEL_KEYS[k]) for k in ex if k in PIXEL_KEYS]
+
+
+def _box_keys(ex: Example):
+  return [(k, BOX_KEYS[k]) for k in ex if k in BOX_KEYS]
 
 
 def size_of(ex: Example) -> tf.Tensor:
@@ -80,11 +94,11 @@ def resize(ex: Example, hw: tf.Tensor) -> Example:
       out[key] = tf.image.resize(value[..., None], hw, method=spec.method)[..., 0]
     else:  # [H, W, C]
       out[key] = tf.image.resize(value, hw, method=spec.method)
-  if "boxes" in ex:
-    ratio = tf.cast(hw, tf.float32) / tf.cast(old, tf.float32)
-    boxes = ex["boxes"] * tf.stack([ratio[1], ratio[0], ratio[1], ratio[0]])
+  ratio = tf.cast(hw, tf.float32) / tf.cast(old, tf.float32)
+  for key, clip in _box_keys(ex):
+    boxes = ex[key] * tf.stack([ratio[1], ratio[0], ratio[1], ratio[0]])
     # Clipped: x * (w / W) for x = W may land an ulp beyond w.
-    out["boxes"] = _clip_boxes(boxes, hw)
+    out[key] = _clip_boxes(boxes, hw) if clip else boxes
   if "image_size" in ex:
     out["image_size"] = tf.cast(hw, tf.int32)
   return out
@@ -105,9 +119,9 @@ def crop(ex: Example, offset: tf.Tensor, hw: tf.Tensor) -> Example:
                        tf.zeros([trail], tf.int32)], 0)
     size = tf.concat([tf.fill([spec.rows], -1), hw, tf.fill([trail], -1)], 0)
     out[key] = tf.slice(value, begin, size)
-  if "boxes" in ex:
-    shift = tf.cast(tf.stack([offset[1], offset[0], offset[1], offset[0]]), tf.float32)
-    out["boxes"] = _clip_boxes(ex["boxes"] - shift, hw)
+  shift = tf.cast(tf.stack([offset[1], offset[0], offset[1], offset[0]]), tf.float32)
+  for key, clip in _box_keys(ex):
+    out[key] = _clip_boxes(ex[key] - shift, hw) if clip else ex[key] - shift
   if "image_size" in ex:
     out["image_size"] = tf.clip_by_value(ex["image_size"] - offset, 0, hw)
   return out
@@ -138,18 +152,21 @@ def pad(ex: Example, hw, fill: dict | None = None) -> Example:
 def flip_left_right(ex: Example) -> Example:
   """Mirrors every map; boxes become (W - x2, y1, W - x1, y2).
 
-  Rows marked invalid (where "valid" is present) keep their boxes.
+  Rows marked invalid (where "valid" is present) keep their boxes. Mask
+  crops mirror about their box's centre, which is where the box goes.
   """
   out = dict(ex)
   for key, spec in _pixel_keys(ex):
     out[key] = tf.reverse(ex[key], [spec.rows + 1])
-  if "boxes" in ex:
-    width = tf.cast(size_of(ex)[1], tf.float32)
-    x1, y1, x2, y2 = tf.unstack(ex["boxes"], axis=-1)
+  if "mask_crops" in ex:
+    out["mask_crops"] = tf.reverse(ex["mask_crops"], [2])
+  width = tf.cast(size_of(ex)[1], tf.float32)
+  for key, _ in _box_keys(ex):
+    x1, y1, x2, y2 = tf.unstack(ex[key], axis=-1)
     boxes = tf.stack([width - x2, y1, width - x1, y2], axis=-1)
     if "valid" in ex:
-      boxes = tf.where(ex["valid"][:, None], boxes, ex["boxes"])
-    out["boxes"] = boxes
+      boxes = tf.where(ex["valid"][:, None], boxes, ex[key])
+    out[key] = boxes
   return out
 
 

@@ -25,16 +25,18 @@ from segjax.tasks.base import Task
 from segjax.train import optim
 
 # The keys of an instance batch the compiled steps read; the rest (crowd,
-# num_dropped, int64 ids) stays on the host, and so do the masks of a
+# num_dropped, int64 ids) stays on the host, and so do the mask crops of a
 # detector without masks (`train_keys`).
-TRAIN_KEYS = ("image", "image_size", "boxes", "classes", "masks", "valid")
+TRAIN_KEYS = ("image", "image_size", "boxes", "classes", "mask_crops", "mask_boxes",
+              "valid")
+MASK_KEYS = ("mask_crops", "mask_boxes")
 EVAL_KEYS = ("image", "image_size", "orig_size", "mask", "image_id")
 
 
 def train_keys(model):
-  """TRAIN_KEYS, less "masks" for a detector without masks: [B,G,H,W] on
-  the canvas, the batch's largest array, which its losses never read."""
-  return TRAIN_KEYS if model.masks else tuple(k for k in TRAIN_KEYS if k != "masks")
+  """TRAIN_KEYS, less the mask crops for a detector without masks: its
+  losses never read them."""
+  return TRAIN_KEYS if model.masks else tuple(k for k in TRAIN_KEYS if k not in MASK_KEYS)
 
 
 def iou_types(model):
@@ -52,8 +54,8 @@ def objective(model, variables, batch, key, axis_name=None):
 
   Args:
     batch: segjax.data.instances' training batch: "image" [B,H,W,3],
-      "image_size" [B,2], "boxes" [B,G,4], "classes" [B,G], "masks"
-      [B,G,H,W] (with model.masks), "valid" [B,G].
+      "image_size" [B,2], "boxes" [B,G,4], "classes" [B,G], "mask_crops"
+      [B,G,M,M] and "mask_boxes" [B,G,4] (with model.masks), "valid" [B,G].
     key: the anchor and ROI samplers' key.
   """
   out, updates = mask_rcnn.train_losses(model, variables, batch, key)

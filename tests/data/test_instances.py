@@ -14,7 +14,7 @@ import fake_downloads as fake
 import test_builders_coco as coco_fake
 from conftest import SMALL_DATASET
 from segjax.data import builders, groups, instances, transforms
-from segjax.data.builders import coco
+from segjax.data.builders import coco, shapes
 from segjax.errors import ConfigError, DataError
 
 
@@ -51,6 +51,25 @@ def _numpy(ex):
   return tf.nest.map_structure(lambda t: t.numpy(), ex)
 
 
+def _paste(crops, boxes, hw):
+  """uint8 [..., h, w] masks from crops [..., M, M] over boxes [..., 4]: a
+  pixel is in where the crop pixel under its centre is at least half on."""
+  crops, boxes = np.asarray(crops), np.asarray(boxes, np.float64)
+  m = crops.shape[-1]
+  ys, xs = np.arange(hw[0]) + 0.5, np.arange(hw[1]) + 0.5
+  out = np.zeros(crops.shape[:-2] + tuple(hw), np.uint8)
+  for index in np.ndindex(crops.shape[:-2]):
+    x1, y1, x2, y2 = boxes[index]
+    if x2 <= x1 or y2 <= y1:
+      continue
+    col = np.floor((xs - x1) * m / (x2 - x1)).astype(int)
+    row = np.floor((ys - y1) * m / (y2 - y1)).astype(int)
+    inside = (row[:, None] >= 0) & (row[:, None] < m) & (col >= 0) & (col < m)
+    values = crops[index][np.clip(row, 0, m - 1)[:, None], np.clip(col, 0, m - 1)]
+    out[index] = inside & (values >= 128)
+  return out
+
+
 def _mask_boxes(masks):
   """float32 [..., 4] tight (x1, y1, x2, y2) boxes of masks [..., H, W]; 0 if empty."""
   rows, cols = masks.any(-1), masks.any(-2)
@@ -63,24 +82,36 @@ def _mask_boxes(masks):
   return np.stack([x1, y1, x2, y2], -1).astype(np.float32)
 
 
+# crop_masks' margin as a box offset: crop boxes are the boxes grown by it.
+GROW = instances.CROP_MARGIN * np.float32([-1, -1, 1, 1])
 BOXES = [[2, 3, 9, 8], [0, 0, 4, 20], [10, 5, 16, 12], [5, 10, 16, 20],
          [1, 1, 3, 3]]
 
 
 @pytest.mark.parametrize("k", [0, 2, 5])
 def test_instance_example_pads_and_marks_valid(k):
-  g = 3
-  ex = _numpy(instances.instance_example(
-      _example(20, 16, BOXES[:k], np.arange(k) % 3), max_instances=g))
+  g, m = 3, instances.MASK_CROP_SIZE
+  example = _example(20, 16, BOXES[:k], np.arange(k) % 3)
+  ex = _numpy(instances.instance_example(example, max_instances=g))
   n = min(k, g)
   assert ex["boxes"].shape == (g, 4) and ex["boxes"].dtype == np.float32
   assert ex["classes"].shape == (g,) and ex["classes"].dtype == np.int32
-  assert ex["masks"].shape == (g, 20, 16) and ex["masks"].dtype == np.uint8
+  assert ex["mask_crops"].shape == (g, m, m) and ex["mask_crops"].dtype == np.uint8
+  assert "masks" not in ex
   np.testing.assert_array_equal(ex["valid"], np.arange(g) < n)
   np.testing.assert_array_equal(ex["classes"], [1, 2, 3][:n] + [0] * (g - n))
   np.testing.assert_array_equal(ex["boxes"][:n], np.reshape(BOXES[:n], (n, 4)))
-  np.testing.assert_array_equal(_mask_boxes(ex["masks"]), ex["boxes"])
-  assert not ex["boxes"][n:].any() and not ex["masks"][n:].any()
+  np.testing.assert_array_equal(ex["mask_boxes"][:n], ex["boxes"][:n] + GROW)
+  # The masks fill their boxes: the crops are on well inside them (soft
+  # only at the edge, bilinear between pixel centres) and paste back.
+  assert (ex["mask_crops"][:n, 40:-40, 40:-40] == 255).all()
+  full = _numpy(instances.instance_example(example, max_instances=g, mask_size=None))
+  assert full["masks"].shape == (g, 20, 16) and full["masks"].dtype == np.uint8
+  np.testing.assert_array_equal(_mask_boxes(full["masks"]), ex["boxes"])
+  np.testing.assert_array_equal(_paste(ex["mask_crops"], ex["mask_boxes"], (20, 16)),
+                                full["masks"])
+  assert not ex["boxes"][n:].any() and not ex["mask_crops"][n:].any()
+  assert not ex["mask_boxes"][n:].any()
   assert ex["num_dropped"] == max(k - g, 0) and ex["image_id"] == 7
 
 
@@ -120,7 +151,9 @@ def test_resized_size_matches_reference(h, w, min_size, max_size, canvas):
 
 
 def test_resize_scales_boxes_and_masks_with_the_image():
-  ex = instances.select_instances(_example(30, 40, BOXES[:4], [0, 1, 2, 0]), 4)
+  example = _example(30, 40, BOXES[:4], [0, 1, 2, 0])
+  ex = instances.select_instances(example, 4, mask_size=None)
+  ex = {**instances.select_instances(example, 4), "masks": ex["masks"]}
   out = _numpy(instances.resize(ex, 45, 100, (64, 64)))
   nh, nw = _reference_size(30, 40, 45, 100, (64, 64))  # scale 1.5 -> 45 x 60
   assert out["image"].shape == (nh, nw, 3) and out["masks"].shape == (4, nh, nw)
@@ -129,23 +162,48 @@ def test_resize_scales_boxes_and_masks_with_the_image():
   # Nearest resizing moves a mask edge by at most half an output pixel.
   np.testing.assert_allclose(_mask_boxes(out["masks"]), expected, atol=1.0)
   assert set(np.unique(out["masks"])) == {0, 1}
+  # Crops are box-relative: only their boxes scale.
+  np.testing.assert_array_equal(out["mask_crops"], ex["mask_crops"].numpy())
+  ratio = np.float32([nw / 40, nh / 30] * 2)
+  np.testing.assert_allclose(out["mask_boxes"], (BOXES[:4] + GROW) * ratio, rtol=1e-6)
 
 
 def test_flip_moves_boxes_and_masks_with_the_image():
-  ex = instances.instance_example(_example(20, 16, BOXES[:2], [0, 1]), 3)
+  example = _example(20, 16, BOXES[:2], [0, 1])
+  ex = instances.instance_example(example, 3, mask_size=None)
+  ex = {**instances.instance_example(example, 3), "masks": ex["masks"]}
   out, before = _numpy(instances.hflip(ex)), _numpy(ex)
   np.testing.assert_array_equal(out["image"], before["image"][:, ::-1])
   np.testing.assert_array_equal(out["masks"], before["masks"][:, :, ::-1])
+  np.testing.assert_array_equal(out["mask_crops"], before["mask_crops"][:, :, ::-1])
   x1, y1, x2, y2 = before["boxes"][:2].T
   np.testing.assert_array_equal(out["boxes"][:2], np.stack([16 - x2, y1, 16 - x1, y2], -1))
+  np.testing.assert_array_equal(out["mask_boxes"][:2], out["boxes"][:2] + GROW)
   np.testing.assert_array_equal(_mask_boxes(out["masks"]), out["boxes"])
-  assert not out["boxes"][2].any()  # Padding rows stay zero.
+  np.testing.assert_array_equal(_paste(out["mask_crops"], out["mask_boxes"], (20, 16)),
+                                out["masks"])
+  assert not out["boxes"][2].any() and not out["mask_boxes"][2].any()  # Padding stays zero.
+
+
+def _shapes_example(index, size):
+  """Scene `index` of segjax_shapes' training split at size^2, as tfds gives it."""
+  scene = shapes.render_example(0, 0, index, size)
+  objects = {"mask": scene["masks"][..., None].astype(np.uint8), "bbox": scene["boxes"],
+             "label": (scene["labels"] - 1).astype(np.int64)}
+  return tf.nest.map_structure(tf.constant, {"image": scene["image"], "objects": objects})
+
+
+def _with_masks(example, g):
+  """select_instances' crops and the image-sized masks of the same rows."""
+  full = instances.select_instances(example, g, mask_size=None)
+  return {**instances.select_instances(example, g), "masks": full["masks"]}
 
 
 def test_train_transform_is_seeded_static_and_consistent():
   s = instances.settings(_config("", min_size=(16, 24), max_size=40,
                                  canvas=(32, 32), max_instances=3))
-  ex = instances.select_instances(_example(20, 16, BOXES[:2], [0, 1]), 3)
+  ex = _with_masks(_example(20, 16, BOXES[:2], [0, 1]), 3)
+  m = instances.MASK_CROP_SIZE
   draws = set()
   for seed in range(16):  # Scale 1 or 1.5 (short side 16 -> 24), flip or not.
     out = _numpy(instances.train_transform(ex, tf.constant([seed, 5]), s))
@@ -153,11 +211,14 @@ def test_train_transform_is_seeded_static_and_consistent():
     for key in out:
       np.testing.assert_array_equal(out[key], again[key])
     assert out["image"].shape == (32, 32, 3) and out["masks"].shape == (3, 32, 32)
+    assert out["mask_crops"].shape == (3, m, m) and out["mask_boxes"].shape == (3, 4)
     h, w = out["image_size"]
     assert (h, w) in ((20, 16), (30, 24))
     assert not out["image"][h:].any() and not out["image"][:, w:].any()
     assert not out["masks"][:, h:].any() and not out["masks"][:, :, w:].any()
     np.testing.assert_allclose(_mask_boxes(out["masks"]), out["boxes"], atol=1.0)
+    grown = out["boxes"] + GROW * np.float32([w / 16, h / 20] * 2)
+    np.testing.assert_allclose(out["mask_boxes"][:2], grown[:2], atol=1e-5)
     scale = w / 16
     flipped = out["boxes"][0, 0] != 2 * scale  # Box 0 starts at x = 2.
     if flipped:
@@ -167,6 +228,43 @@ def test_train_transform_is_seeded_static_and_consistent():
   assert len(draws) == 4  # Both scales, flipped and not.
 
 
+def test_crops_follow_resize_and_flip_as_the_full_masks_do():
+  """The pipeline's crops pasted through their boxes are the image-sized
+  masks it resizes (nearest) and flips, but for pixels on an edge (in
+  the image: a crop reads a mask as torchvision does, up to half a pixel
+  past the image)."""
+  s = instances.settings(_config("", min_size=(96, 128), max_size=128,
+                                 canvas=(128, 128), max_instances=6))
+  draws, agree = set(), []
+  for index in range(4):
+    ex = _with_masks(_shapes_example(index, 64), s.max_instances)
+    for seed in range(3):
+      out = _numpy(instances.train_transform(ex, tf.constant([index, seed]), s))
+      h, w = out["image_size"]
+      pasted = _paste(out["mask_crops"], out["mask_boxes"], (h, w))
+      for j in np.flatnonzero(out["valid"]):
+        a, b = pasted[j].astype(bool), out["masks"][j, :h, :w].astype(bool)
+        # Nearest resizing puts an edge up to half a stored pixel off; the
+        # crops disagree with it nowhere else.
+        assert not ((a ^ b) & ~(_near(b) & _near(~b))).any()
+        agree.append((a & b).sum() / (a | b).sum())
+      scale = out["image_size"][1] / 64
+      flipped = not np.allclose(out["mask_boxes"][0], ex["mask_boxes"][0] * scale)
+      draws.add((scale, flipped))
+  assert len(draws) == 4  # Scales 1.5 and 2, flipped and not.
+  assert np.mean(agree) > 0.97, agree  # IoU of pasted crop and mask
+
+
+def _near(mask):
+  """bool [H, W]: the pixels of mask and their 4 neighbours."""
+  out = mask.copy()
+  out[1:] |= mask[:-1]
+  out[:-1] |= mask[1:]
+  out[:, 1:] |= mask[:, :-1]
+  out[:, :-1] |= mask[:, 1:]
+  return out
+
+
 def _take(iterator, n):
   return list(itertools.islice(iterator, n))
 
@@ -174,9 +272,11 @@ def _take(iterator, n):
 def _check_batch(batch, config):
   s = instances.settings(config)
   b, g, (hc, wc) = config.train.batch_size, s.max_instances, s.canvas
+  m = instances.MASK_CROP_SIZE
   expected = {"image": ((b, hc, wc, 3), np.float32), "image_size": ((b, 2), np.int32),
               "boxes": ((b, g, 4), np.float32), "classes": ((b, g), np.int32),
-              "masks": ((b, g, hc, wc), np.uint8), "valid": ((b, g), np.bool_),
+              "mask_crops": ((b, g, m, m), np.uint8), "mask_boxes": ((b, g, 4), np.float32),
+              "valid": ((b, g), np.bool_),
               "crowd": ((b, g), np.bool_), "num_dropped": ((b,), np.int32),
               "image_id": ((b,), np.int64)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
@@ -184,7 +284,12 @@ def _check_batch(batch, config):
   h, w = batch["image_size"][:, None, 0], batch["image_size"][:, None, 1]
   assert (boxes >= 0).all() and (boxes[..., 2] <= w).all() and (boxes[..., 3] <= h).all()
   assert ((boxes[..., 2] > boxes[..., 0]) == valid).all()
-  assert ((batch["classes"] > 0) == valid).all() and not batch["masks"][~valid].any()
+  assert ((batch["classes"] > 0) == valid).all() and not batch["mask_crops"][~valid].any()
+  # Crop boxes: the boxes grown by the same margin on each side.
+  grown = batch["mask_boxes"] - boxes
+  np.testing.assert_allclose(grown[..., :2], -grown[..., 2:], atol=1e-4)
+  assert (grown[valid][:, 2:] > 0).all() and not batch["mask_boxes"][~valid].any()
+  assert (batch["mask_crops"][valid].max((1, 2)) > 0).all()
 
 
 def test_train_batches_are_deterministic_resumable_and_static(shapes_dir):
@@ -285,11 +390,11 @@ def test_coco_end_to_end(coco_dir):
   np.testing.assert_array_equal(batch["classes"][first], [1, 3, 0])  # crowd dropped
   np.testing.assert_array_equal(batch["boxes"][first, :2],
                                 [[2, 2, 10, 10], [12, 10, 18, 16]])  # x 2 (8x10 -> 16x20)
-  assert not batch["valid"][empty].any() and not batch["masks"][empty].any()
+  assert not batch["valid"][empty].any() and not batch["mask_crops"][empty].any()
   np.testing.assert_array_equal(batch["classes"][brush], [80, 0, 0])
   assert (batch["image_size"] == [16, 20]).all()
-  np.testing.assert_allclose(_mask_boxes(batch["masks"][first, :2]),
-                             batch["boxes"][first, :2], atol=1.0)
+  masks = _paste(batch["mask_crops"][first, :2], batch["mask_boxes"][first, :2], (32, 32))
+  np.testing.assert_allclose(_mask_boxes(masks), batch["boxes"][first, :2], atol=1.0)
   # Evaluation keeps the crowd region, flagged.
   config.eval.batch_size = 2
   evals = list(instances.eval_batches(config, process_index=0, process_count=1,

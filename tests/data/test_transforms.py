@@ -345,6 +345,27 @@ def test_flip_keeps_invalid_rows():
   np.testing.assert_array_equal(out["boxes"][2], [W - 41, 5, W - 25, 30])
 
 
+def test_mask_crops_ride_along_with_their_unclipped_boxes():
+  """Crops are box-relative: resize, crop and pad leave them as they are and
+  move their boxes as "boxes" but without clipping; flips mirror both."""
+  crops = np.random.default_rng(6).integers(0, 256, (3, 8, 8)).astype(np.uint8)
+  grown = np.array([[-1, -1, 21, 16], [29, 9, 54, 38], [24, 4, 42, 31]], np.float32)
+  ex = {**_instance_example(), "mask_crops": tf.constant(crops),
+        "mask_boxes": tf.constant(grown)}
+  resized = ops.resize(ex, tf.constant([2 * H, 2 * W]))
+  np.testing.assert_array_equal(resized["mask_crops"], crops)
+  np.testing.assert_allclose(resized["mask_boxes"], 2 * grown)
+  flipped = ops.flip_left_right(ex)
+  np.testing.assert_array_equal(flipped["mask_crops"], crops[:, :, ::-1])
+  np.testing.assert_array_equal(flipped["mask_boxes"][0], [W - 21, -1, W + 1, 16])
+  cropped = ops.crop(ex, tf.constant([6, 9]), tf.constant([25, 30]))
+  np.testing.assert_array_equal(cropped["mask_crops"], crops)
+  np.testing.assert_array_equal(cropped["mask_boxes"], grown - [9, 6, 9, 6])
+  padded = ops.pad(ex, (64, 64))
+  np.testing.assert_array_equal(padded["mask_crops"], crops)
+  np.testing.assert_array_equal(padded["mask_boxes"], grown)
+
+
 def test_random_flip_draws_once_for_every_key():
   outcomes = set()
   for i in range(12):

@@ -78,7 +78,7 @@ class MaskRCNN(MaskRCNNNetworks):
     box_positive_fraction: the ROI heads' matcher and sampler.
     box_score_thresh, box_nms_thresh, box_detections_per_img: inference.
     mask_max_sampling_ratio: static cap of ROI Align samples per bin when
-      cropping GT masks to targets (targets.mask_targets).
+      aligning mask targets from GT crops (targets.compact_mask_targets).
   """
   trainable_backbone_layers: int = 3
   rpn_pre_nms_top_n_train: int = 2000
@@ -255,9 +255,9 @@ class MaskRCNN(MaskRCNNNetworks):
       take = functools.partial(_take_slots, pick)
       pick_cls = jnp.where(pick_w > 0, take(cls_t), 0)
       m = mask_logits.shape[2]
-      mask_t = jax.vmap(functools.partial(targets_lib.mask_targets, mask_size=m,
+      mask_t = jax.vmap(functools.partial(targets_lib.compact_mask_targets, mask_size=m,
                                           max_sampling_ratio=self.mask_max_sampling_ratio))(
-          batch["masks"], take(rois), take(matched))
+          batch["mask_crops"], batch["mask_boxes"], take(rois), take(matched))
       mask_l = functools.partial(targets_lib.mask_loss, denominator=jnp.sum(pick_w))
       out["loss_mask"] = jnp.sum(jax.vmap(mask_l)(mask_logits, pick_cls, mask_t, pick_w))
     out["loss"] = sum(out.values())
@@ -328,9 +328,12 @@ def train_losses(model: MaskRCNN, variables: Any, batch: Dict[str, Array], rng: 
     batch: "image" [N, H, W, 3] float normalised canvas; "image_size" [N, 2]
       int32 true (height, width) (optional: whole canvas); "boxes" [N, G, 4]
       (x1, y1, x2, y2) pixels; "classes" [N, G] int32 in 1..K (0 padding);
-      "masks" [N, G, H, W] instance masks (bool, uint8 or float) on the
-      canvas, read only with model.masks; "valid" [N, G] bool. G >= 1 and
-      fixed, so one compiled function serves every batch.
+      "mask_crops" [N, G, C, C] each instance's mask over its box (uint8
+      0..255, or float in [0, 1]) and "mask_boxes" [N, G, 4] the boxes
+      they span (segjax.data.instances.crop_masks;
+      targets.compact_mask_targets aligns the mask targets from them),
+      read only with model.masks; "valid" [N, G] bool. G >= 1 and fixed,
+      so one compiled function serves every batch.
     rng: PRNG key for the anchor and roi samplers.
 
   Returns:

@@ -202,7 +202,10 @@ def mask_targets(gt_masks: jax.Array, rois: jax.Array, matched_gt: jax.Array,
   """GT masks cropped and resized to each roi (project_masks_on_boxes).
 
   roi_align of the matched GT mask with spatial_scale 1, adaptive sampling
-  (ceil(roi_size / mask_size) samples per bin) and aligned=False.
+  (ceil(roi_size / mask_size) samples per bin) and aligned=False: exactly
+  torchvision's targets, from image-sized masks. Training aligns them from
+  box crops instead (`compact_mask_targets`), which need a fraction of the
+  bytes and of the work.
 
   Args:
     gt_masks: [G, H, W] float (or bool / int) instance masks, image pixels.
@@ -222,6 +225,65 @@ def mask_targets(gt_masks: jax.Array, rois: jax.Array, matched_gt: jax.Array,
                   (mask_size, mask_size), 1.0, -1, False,
                   max_sampling_ratio=max_sampling_ratio)
   return out[..., 0]
+
+
+def compact_mask_targets(crops: jax.Array, crop_boxes: jax.Array, rois: jax.Array,
+                         matched_gt: jax.Array, mask_size: int = 28, *,
+                         max_sampling_ratio: int = 8) -> jax.Array:
+  """`mask_targets` from box crops of the GT masks instead of whole masks.
+
+  Each crop holds its instance's mask over crop_boxes[g], pixel j's value
+  centred at x1 + (j + 1/2) (x2 - x1) / C (segjax.data.instances.crop_masks).
+  A roi maps into its matched crop's frame by x' = (x - x1) * C / (x2 - x1)
+  (y alike) and is ROI-aligned there, with the sample counts adaptive to
+  the roi's size in crop pixels. As in torchvision's roi_align with
+  aligned=False the roi is at least 1 x 1 image pixel and image pixel k is
+  read at x = k, not at its centre k + 1/2, so the roi moves by half an
+  image pixel before mapping; the crop's frame itself is centred (aligned).
+
+  The result approaches `mask_targets` of the whole masks as C grows (the
+  module docstring of segjax.data.instances has figures); equal when the
+  crop is the whole (square) mask at its own size. Outside its box a crop
+  reads as its border row for half a crop pixel, then 0.
+
+  Args:
+    crops: [G, C, C] instance mask crops: uint8 0..255, else float in [0, 1].
+    crop_boxes: [G, 4] (x1, y1, x2, y2) image pixels each crop spans; rows
+      without area (padding) give targets of no meaning.
+    rois: [R, 4] (x1, y1, x2, y2) image pixels.
+    matched_gt: [R] int, the GT instance of each roi.
+    mask_size: M, the side of the targets (28).
+    max_sampling_ratio: static cap on the fast grid's samples per bin and
+      axis (segjax.ops.roi; a cost knob). Rois needing more are read exactly
+      through dense [M, C] weights, which on a C x C crop are cheap.
+
+  Returns:
+    [R, M, M] float32 soft mask targets in [0, 1].
+  """
+  crops = jnp.asarray(crops)
+  scale = 1.0 / 255.0 if jnp.issubdtype(crops.dtype, jnp.integer) else 1.0
+  c = crops.shape[-1]
+  matched_gt = jnp.asarray(matched_gt, jnp.int32)
+  box = _sg(jnp.asarray(crop_boxes, jnp.float32))[matched_gt]
+  roi = _sg(jnp.asarray(rois, jnp.float32))
+  # A box without area would divide by zero; its targets are never weighed.
+  box = jnp.where(((box[:, 2:] > box[:, :2]).all(-1))[:, None], box, _UNIT_BOX)
+  x1, y1 = roi[:, 0], roi[:, 1]
+  x2 = x1 + jnp.maximum(roi[:, 2] - x1, 1.0)
+  y2 = y1 + jnp.maximum(roi[:, 3] - y1, 1.0)
+  start = jnp.tile(box[:, :2], 2)
+  per_pixel = jnp.tile(c / (box[:, 2:] - box[:, :2]), 2)
+  in_crop = (jnp.stack([x1, y1, x2, y2], -1) + 0.5 - start) * per_pixel
+
+  def one(crop, box):
+    # One crop at a time: the exact path's dense weights are then [M, C],
+    # not [M, G * C] (vmapped, a lax.cond runs both of roi_align's paths).
+    return roi_align(crop[None, :, :, None], box[None], jnp.zeros((1,), jnp.int32),
+                     (mask_size, mask_size), 1.0, -1, True,
+                     max_sampling_ratio=max_sampling_ratio)[0, ..., 0]
+
+  picked = _sg(crops[matched_gt].astype(jnp.float32) * scale)
+  return jax.vmap(one)(picked, in_crop)
 
 
 def smooth_l1(x: jax.Array, beta: float) -> jax.Array:

@@ -32,23 +32,37 @@ def make_key(seed):
   return jax.random.key(seed, impl="rbg")
 
 
+CROP = 28                       # side of the GT mask crops
+# The ellipse inscribed in a box, sampled at the crop pixels' centres
+# (in box units; segjax.data.instances.crop_masks' layout).
+_CENTRES = (np.arange(CROP) + 0.5) / CROP
+CROP_MASK = ((2 * _CENTRES[:, None] - 1) ** 2 + (2 * _CENTRES - 1) ** 2 <= 1).astype(np.uint8) * 255
+
+
+def ellipse(box):
+  """bool [H, W]: the pixels whose centre is in the ellipse inscribed in box."""
+  x1, y1, x2, y2 = box
+  yy, xx = np.mgrid[:H, :W] + 0.5
+  return (((xx - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2
+          + ((yy - (y1 + y2) / 2) / ((y2 - y1) / 2)) ** 2) <= 1
+
+
 def make_batch(instances=INSTANCES, g=3, seed=0):
-  """Ellipse instances inside their boxes, painted in a class colour on noise."""
+  """Ellipse instances inside their boxes, painted in a class colour on noise;
+  their masks as crops of the boxes, as the input pipeline gives them."""
   n = len(instances)
   rng = np.random.RandomState(seed)
   boxes = np.zeros((n, g, 4), np.float32)
   classes = np.zeros((n, g), np.int32)
-  masks = np.zeros((n, g, H, W), bool)
+  crops = np.zeros((n, g, CROP, CROP), np.uint8)
   images = (0.5 * rng.randn(n, H, W, 3)).astype(np.float32)
-  yy, xx = np.mgrid[:H, :W] + 0.5
   for i, objs in enumerate(instances):
     for j, (x1, y1, x2, y2, c) in enumerate(objs):
-      boxes[i, j], classes[i, j] = (x1, y1, x2, y2), c
-      masks[i, j] = (((xx - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2
-                     + ((yy - (y1 + y2) / 2) / ((y2 - y1) / 2)) ** 2) <= 1
-      images[i][masks[i, j]] += 2.0 * np.eye(3, dtype=np.float32)[c - 1]
+      boxes[i, j], classes[i, j], crops[i, j] = (x1, y1, x2, y2), c, CROP_MASK
+      images[i][ellipse(boxes[i, j])] += 2.0 * np.eye(3, dtype=np.float32)[c - 1]
   return {"image": images, "image_size": np.array([[H, W], [60, 90]][:n], np.int32),
-          "boxes": boxes, "classes": classes, "masks": masks, "valid": classes > 0}
+          "boxes": boxes, "classes": classes, "mask_crops": crops, "mask_boxes": boxes,
+          "valid": classes > 0}
 
 
 def random_instances(counts, seed):
@@ -163,7 +177,7 @@ def test_sgd_on_a_fixed_batch_learns_to_detect(fpn):
     j = gt[np.argmax(iou)]
     assert det["valid"][i, 0] and iou.max() > 0.5, iou
     assert det["classes"][i, 0] == batch["classes"][i, j]
-    m, g = np.asarray(det["masks"][i, 0]), batch["masks"][i, j]
+    m, g = np.asarray(det["masks"][i, 0]), ellipse(batch["boxes"][i, j])
     assert (m & g).sum() / (m | g).sum() > 0.5
 
 

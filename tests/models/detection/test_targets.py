@@ -8,8 +8,9 @@ import pytest
 import jax
 
 from conftest import needs
-from segjax.models.detection.targets import (box_head_losses, mask_loss, mask_targets, match,
-                                             roi_targets, rpn_losses, rpn_targets, sample)
+from segjax.models.detection.targets import (box_head_losses, compact_mask_targets, mask_loss,
+                                             mask_targets, match, roi_targets, rpn_losses,
+                                             rpn_targets, sample)
 from segjax.ops import generate_anchors
 
 jit_match = jax.jit(match, static_argnums=(2, 3, 4))
@@ -248,7 +249,64 @@ def test_mask_targets_vs_loop():
   matched = np.array([0, 2, 1, 1, 2], np.int32)
   got = jax.jit(mask_targets, static_argnums=3)(masks, rois, matched, 7)
   assert got.shape == (5, 7, 7)
-  np.testing.assert_allclose(got, ref_mask_targets(masks, rois, matched, 7), atol=1e-5)
+  want = ref_mask_targets(masks, rois, matched, 7)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # A "crop" of the whole image at its own resolution maps rois onto
+  # themselves: the compact targets are then torchvision's exactly, which
+  # pins down their half-pixel convention and the roi's 1-pixel minimum.
+  square = masks[:, :36, :36]
+  whole = np.tile(np.float32([0, 0, 36, 36]), (3, 1))
+  compact = jax.jit(compact_mask_targets, static_argnums=4)
+  want = ref_mask_targets(square, rois, matched, 7)
+  np.testing.assert_allclose(compact(square, whole, rois, matched, 7), want, atol=1e-5)
+  as_uint8 = compact((square * 255).astype(np.uint8), whole, rois, matched, 7)
+  np.testing.assert_allclose(as_uint8, want, atol=1e-5)
+
+
+def positive_rois(boxes, valid, n, rng):
+  """n rois [n, 4] at IoU >= 0.5 with the valid boxes, and their matched [n]."""
+  rows = np.flatnonzero(valid)
+  rois, matched = [], []
+  while len(rois) < n:
+    g = rows[len(rois) % len(rows)]
+    size = np.tile(boxes[g, 2:] - boxes[g, :2], 2)
+    roi = boxes[g] + rng.uniform(-0.25, 0.25, 4) * size
+    if ref_iou(boxes[g:g + 1], roi[None].astype(np.float32))[0, 0] >= 0.5:
+      rois.append(roi)
+      matched.append(g)
+  return np.float32(rois), np.int32(matched)
+
+
+def test_compact_mask_targets_close_to_full_on_shapes_scenes():
+  """The training targets, from the input pipeline's 112 x 112 crops, against
+  torchvision's from the image-sized masks, flipped or not (the docstring
+  of segjax.data.instances has the figures at more sizes and scales)."""
+  tf = needs("tensorflow")
+  from segjax.data import instances, ops
+  from segjax.data.builders import shapes
+  g, rng = 6, np.random.RandomState(0)
+  full_fn = jax.jit(mask_targets, static_argnums=3)
+  compact_fn = jax.jit(compact_mask_targets, static_argnums=4)
+  errors = []
+  for index in range(4):
+    scene = shapes.render_example(0, 0, index, 64)
+    example = {"image": scene["image"], "objects": {
+        "mask": scene["masks"][..., None].astype(np.uint8), "bbox": scene["boxes"],
+        "label": scene["labels"] - 1}}
+    example = tf.nest.map_structure(tf.constant, example)
+    full = instances.select_instances(example, g, mask_size=None)
+    ex = {**instances.select_instances(example, g), "masks": full["masks"]}
+    if index % 2:
+      ex = ops.flip_left_right(ex)
+    ex = {k: v.numpy() for k, v in instances.pad_instances(ex, g).items()}
+    rois, matched = positive_rois(ex["boxes"], ex["valid"], 32, rng)
+    rois = np.clip(rois, 0, 64)  # as proposals are
+    want = full_fn(ex["masks"], rois, matched, 28)
+    got = compact_fn(ex["mask_crops"], ex["mask_boxes"], rois, matched, 28)
+    errors.append(np.abs(np.asarray(got) - np.asarray(want)).mean())
+  # Measured: 0.0046 on average. Reading the mask at pixel centres instead
+  # of torchvision's half-pixel offset would make it 0.05.
+  assert np.mean(errors) < 0.008, errors
 
 
 def bce(x, t):
