@@ -94,8 +94,9 @@ def test_grads_vmap_and_errors(small):
   _, image, logits = small
   u, im = jnp.asarray(logits[None, :8, :8]), jnp.asarray(image[None, :8, :8])
   for method in ("exact", "fast"):
-    f = lambda x, c: dense_crf(x, im, num_iters=2, bilateral_sxy=5.0, bilateral_compat=c,
-                               method=method)
+    # Compiled: check_grads calls it many times.
+    f = jax.jit(lambda x, c: dense_crf(x, im, num_iters=2, bilateral_sxy=5.0,
+                                       bilateral_compat=c, method=method))
     check_grads(f, (u, jnp.float32(3.0)), order=1, modes=["rev"],
                               atol=1e-2, rtol=1e-2)
   batched = jax.vmap(lambda x, i: dense_crf(x, i, num_iters=2))(u[None], im[None])

@@ -266,16 +266,16 @@ def test_matches_torchvision(data):
   feats, boxes, bidx = data
   ft = torch.from_numpy(feats).permute(0, 3, 1, 2)
   rois = torch.from_numpy(np.concatenate([bidx[:, None].astype(np.float32), boxes], 1))
-  for out in ((2, 3), (7, 7)):
-    for scale in (1.0, 0.5):
-      for sr, aligned in ((-1, False), (0, True), (1, True), (2, False), (3, True)):
-        want = tvo.roi_align(ft, rois, out, scale, sr, aligned).permute(0, 2, 3, 1).numpy()
-        for impl in ("gather", "einsum"):
-          got = roi_align(feats, boxes, bidx, out, scale, sr, aligned,
-                          max_sampling_ratio=12, impl=impl)
-          np.testing.assert_allclose(got, want, atol=TORCHVISION_ROI_ALIGN_ATOL)
-      want = tvo.roi_pool(ft, rois, out, scale).permute(0, 2, 3, 1).numpy()
-      np.testing.assert_array_equal(roi_pool(feats, boxes, bidx, out, scale), want)
+  # Two (output size, scale) pairs: each is its own argument of the same code.
+  for out, scale in (((2, 3), 1.0), ((7, 7), 0.5)):
+    for sr, aligned in ((-1, False), (0, True), (1, True), (2, False), (3, True)):
+      want = tvo.roi_align(ft, rois, out, scale, sr, aligned).permute(0, 2, 3, 1).numpy()
+      for impl in ("gather", "einsum"):
+        got = roi_align(feats, boxes, bidx, out, scale, sr, aligned,
+                        max_sampling_ratio=12, impl=impl)
+        np.testing.assert_allclose(got, want, atol=TORCHVISION_ROI_ALIGN_ATOL)
+    want = tvo.roi_pool(ft, rois, out, scale).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(roi_pool(feats, boxes, bidx, out, scale), want)
   # Gradients w.r.t. features equal torchvision's backward.
   ftg = ft.clone().requires_grad_(True)
   tvo.roi_align(ftg, rois, (3, 3), 0.5, 2, True).pow(2).sum().backward()

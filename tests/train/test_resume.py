@@ -143,8 +143,7 @@ def _kill_once(shapes_dir, workdir, kind, rng):
 def test_killed_anywhere_resumes_to_the_same_parameters(shapes_dir, reference,
                                                         tmp_path):
   rng = random.Random(8)
-  kinds = ["checkpoint", "eval", "step"] + [rng.choice(["step", "eval", "checkpoint"])
-                                            for _ in range(2)]
+  kinds = ["checkpoint", "eval", "step"]  # each kind of moment once, in a random order
   rng.shuffle(kinds)
   starts = [_kill_once(shapes_dir, tmp_path, kind, rng) for kind in kinds]
   out = _run(_command(shapes_dir, tmp_path, *KILL_RUN), devices=2).stdout
