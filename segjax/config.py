@@ -404,9 +404,8 @@ def apply_mode(c: ml_collections.ConfigDict, mode: str = "") -> ml_collections.C
   `resize_to`, sliding-window `crop_size` and `stride` scale with the crop,
   so slide windows, scales and flips still run, on small windows. Schedule
   milestones scale with the steps (the warmup is cut to the run by the
-  schedule itself). The learning rate stays the
-  experiment's, unless it was meant for an ImageNet-initialised backbone
-  and the tiny model starts from scratch (Mask R-CNN: see below).
+  schedule itself). The learning rate stays the experiment's: the tiny
+  runs of every family finish with finite losses at it (tests/e2e).
   """
   if mode == "tiny":
     _tiny(c)
