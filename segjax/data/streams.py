@@ -216,11 +216,18 @@ def evaluation_stream(config, prepare, blank, split=None, process_index=None,
   if grouping is not None:
     return _grouped_evaluation(dataset_builder, host_splits, index, per_host,
                                prepare, blank, grouping)
-  num_batches = math.ceil(max(sizes) / per_host)
   host_split = tfds.split_for_jax_process(split, process_index=index,
                                           process_count=count)
   ds = dataset_builder.as_dataset(split=host_split, shuffle_files=False)
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  return _padded_batches(ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE),
+                         sizes, index, per_host, blank)
+
+
+def _padded_batches(ds, sizes, index, per_host, blank):
+  """Host `index`'s prepared examples `ds` (sizes[index] of them) in batches
+  of per_host, padded with `blank` examples to as many batches as the host
+  with the most (sizes: every host's count)."""
+  num_batches = math.ceil(max(sizes) / per_host)
   padding = num_batches * per_host - sizes[index]
   if padding:
     ds = ds.concatenate(tf.data.Dataset.from_tensors(blank(ds)).repeat(padding))
@@ -235,15 +242,11 @@ def _grouped_evaluation(dataset_builder, host_splits, index, per_host, prepare,
   parts = []
   for g in range(grouping.count):
     sizes = [int((m == g).sum()) for m in members]
-    num_batches = math.ceil(max(sizes) / per_host)
-    if not num_batches:
+    if not max(sizes):
       continue
     ds = groups.members_only(dataset_builder, host_splits[index], members[index] == g)
-    ds = ds.map(prepare[g], num_parallel_calls=tf.data.AUTOTUNE)
-    padding = num_batches * per_host - sizes[index]
-    if padding:
-      ds = ds.concatenate(tf.data.Dataset.from_tensors(blank(ds)).repeat(padding))
-    parts.append(ds.batch(per_host))
+    parts.append(_padded_batches(ds.map(prepare[g], num_parallel_calls=tf.data.AUTOTUNE),
+                                 sizes, index, per_host, blank))
   ds = parts[0]
   for part in parts[1:]:
     ds = ds.concatenate(part)
