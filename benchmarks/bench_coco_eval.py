@@ -24,6 +24,7 @@ import numpy as np
 
 import timing
 from segjax import coco_eval, detections
+from segjax.data import instances
 
 SIZES = ((480, 640), (640, 480), (427, 640))  # (H, W) as stored
 MIN_SIZE, MAX_SIZE = 800, 1333
@@ -35,9 +36,9 @@ def _peak_rss_gb() -> float:
 
 
 def _resized(h, w):
-  """The detector's canvas size for a stored (h, w) (instances.resized_size)."""
-  scale = min(MIN_SIZE / min(h, w), MAX_SIZE / max(h, w))
-  return int(h * scale + 0.5), int(w * scale + 0.5)
+  """The resized image's (h, w) on the detector's canvas for a stored (h, w)."""
+  canvas = (MAX_SIZE, MAX_SIZE)  # never the bound: 800 / 1333 decide
+  return tuple(int(v) for v in instances.resized_size((h, w), MIN_SIZE, MAX_SIZE, canvas))
 
 
 def _random_boxes(rng, n, h, w):
