@@ -40,7 +40,7 @@ import numpy as np
 
 from segjax import config as config_lib
 from segjax import models, tasks
-from segjax.data.instances import MASK_CROP_SIZE as CROP
+from segjax.data.mask_crops import MASK_CROP_SIZE as CROP
 from segjax.models.detection import mask_rcnn
 from segjax.models.remat import KEEP_REMAT
 from segjax.train import optim, steps

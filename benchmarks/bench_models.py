@@ -65,7 +65,7 @@ import ml_collections
 import numpy as np
 
 from segjax import losses, models
-from segjax.data import instances as data_instances
+from segjax.data import mask_crops
 from segjax.models.detection import mask_rcnn
 from segjax.tasks import instance, semantic
 from segjax.train import optim, steps
@@ -269,7 +269,7 @@ def synthetic_instances(n, canvas, image, classes, instances, seed=0):
   bw, bh = np.minimum(sides[..., 0], w - 1), np.minimum(sides[..., 1], h - 1)
   x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
   boxes = np.round(np.stack([x1, y1, x1 + bw, y1 + bh], -1)).astype(np.float32)
-  crop = data_instances.MASK_CROP_SIZE
+  crop = mask_crops.MASK_CROP_SIZE
   return {"image": images, "image_size": np.tile(np.int32([h, w]), (n, 1)),
           "boxes": boxes,
           "classes": rng.integers(1, classes, (n, instances)).astype(np.int32),

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 import fake_downloads as fake
 import test_builders_coco as coco_fake
 from conftest import SMALL_DATASET
-from segjax.data import builders, groups, instances, transforms
+from segjax.data import builders, groups, instances, mask_crops, transforms
 from segjax.data.builders import coco, shapes
 from segjax.errors import ConfigError, DataError
 
@@ -83,14 +83,14 @@ def _mask_boxes(masks):
 
 
 # crop_masks' margin as a box offset: crop boxes are the boxes grown by it.
-GROW = instances.CROP_MARGIN * np.float32([-1, -1, 1, 1])
+GROW = mask_crops.CROP_MARGIN * np.float32([-1, -1, 1, 1])
 BOXES = [[2, 3, 9, 8], [0, 0, 4, 20], [10, 5, 16, 12], [5, 10, 16, 20],
          [1, 1, 3, 3]]
 
 
 @pytest.mark.parametrize("k", [0, 2, 5])
 def test_instance_example_pads_and_marks_valid(k):
-  g, m = 3, instances.MASK_CROP_SIZE
+  g, m = 3, mask_crops.MASK_CROP_SIZE
   example = _example(20, 16, BOXES[:k], np.arange(k) % 3)
   ex = _numpy(instances.instance_example(example, max_instances=g))
   n = min(k, g)
@@ -203,7 +203,7 @@ def test_train_transform_is_seeded_static_and_consistent():
   s = instances.settings(_config("", min_size=(16, 24), max_size=40,
                                  canvas=(32, 32), max_instances=3))
   ex = _with_masks(_example(20, 16, BOXES[:2], [0, 1]), 3)
-  m = instances.MASK_CROP_SIZE
+  m = mask_crops.MASK_CROP_SIZE
   draws = set()
   for seed in range(16):  # Scale 1 or 1.5 (short side 16 -> 24), flip or not.
     out = _numpy(instances.train_transform(ex, tf.constant([seed, 5]), s))
@@ -272,7 +272,7 @@ def _take(iterator, n):
 def _check_batch(batch, config):
   s = instances.settings(config)
   b, g, (hc, wc) = config.train.batch_size, s.max_instances, s.canvas
-  m = instances.MASK_CROP_SIZE
+  m = mask_crops.MASK_CROP_SIZE
   expected = {"image": ((b, hc, wc, 3), np.float32), "image_size": ((b, 2), np.int32),
               "boxes": ((b, g, 4), np.float32), "classes": ((b, g), np.int32),
               "mask_crops": ((b, g, m, m), np.uint8), "mask_boxes": ((b, g, 4), np.float32),

@@ -330,7 +330,7 @@ def train_losses(model: MaskRCNN, variables: Any, batch: Dict[str, Array], rng: 
       (x1, y1, x2, y2) pixels; "classes" [N, G] int32 in 1..K (0 padding);
       "mask_crops" [N, G, C, C] each instance's mask over its box (uint8
       0..255, or float in [0, 1]) and "mask_boxes" [N, G, 4] the boxes
-      they span (segjax.data.instances.crop_masks;
+      they span (segjax.data.mask_crops;
       targets.compact_mask_targets aligns the mask targets from them),
       read only with model.masks; "valid" [N, G] bool. G >= 1 and fixed,
       so one compiled function serves every batch.

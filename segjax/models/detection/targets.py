@@ -233,7 +233,7 @@ def compact_mask_targets(crops: jax.Array, crop_boxes: jax.Array, rois: jax.Arra
   """`mask_targets` from box crops of the GT masks instead of whole masks.
 
   Each crop holds its instance's mask over crop_boxes[g], pixel j's value
-  centred at x1 + (j + 1/2) (x2 - x1) / C (segjax.data.instances.crop_masks).
+  centred at x1 + (j + 1/2) (x2 - x1) / C (segjax.data.mask_crops).
   A roi maps into its matched crop's frame by x' = (x - x1) * C / (x2 - x1)
   (y alike) and is ROI-aligned there, with the sample counts adaptive to
   the roi's size in crop pixels. As in torchvision's roi_align with

@@ -34,7 +34,7 @@ def make_key(seed):
 
 CROP = 28                       # side of the GT mask crops
 # The ellipse inscribed in a box, sampled at the crop pixels' centres
-# (in box units; segjax.data.instances.crop_masks' layout).
+# (in box units; segjax.data.mask_crops' layout).
 _CENTRES = (np.arange(CROP) + 0.5) / CROP
 CROP_MASK = ((2 * _CENTRES[:, None] - 1) ** 2 + (2 * _CENTRES - 1) ** 2 <= 1).astype(np.uint8) * 255
 
