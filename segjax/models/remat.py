@@ -18,9 +18,10 @@ the recomputation (its `cse_barrier_expander` pass), after which common
 subexpression elimination merges the recomputed forward pass with the
 original one: on CPU remat then saves nothing, unless the program is
 compiled with `KEEP_REMAT`, as GPU and TPU compilers keep the barriers
-anyway. `jax.jit(f).lower(*args).compile(KEEP_REMAT)` does that for one
-program; the benchmarks and tests use it to see on CPU what an accelerator
-would hold.
+anyway. `segjax train` compiles its step with it whenever the model has
+`remat` set (jit mode; jax.pmap takes no compiler options), and
+`jax.jit(f).lower(*args).compile(KEEP_REMAT)` does it for one program, as
+the benchmarks do to see on CPU what an accelerator would hold.
 """
 import flax.linen as nn
 

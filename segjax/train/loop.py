@@ -25,6 +25,7 @@ from segjax import config as config_lib
 from segjax import models, tasks
 from segjax.errors import ConfigError, TrainingError
 from segjax.models import crf_option
+from segjax.models.remat import KEEP_REMAT
 from segjax.train import checkpoint as ckpt_lib
 from segjax.train import optim, parallel, steps
 from segjax.train.logger import MetricsWriter, Progress
@@ -123,9 +124,13 @@ class Trainer:
   def train_fn(self) -> Callable:
     """The compiled step: (state, device batch, rng) -> (state, metrics)."""
     if self._train_fn is None:
+      # XLA:CPU would otherwise merge remat's recomputation back into the
+      # forward pass and save nothing (segjax/models/remat.py).
+      options = KEEP_REMAT if self.config.model_kwargs.get("remat") else None
       self._train_fn = self.par.compile(
-          steps.train_step, donate_first=True, model=self.model, tx=self.tx,
-          schedule=self.schedule, objective=self.task.objective())
+          steps.train_step, donate_first=True, compiler_options=options,
+          model=self.model, tx=self.tx, schedule=self.schedule,
+          objective=self.task.objective())
     return self._train_fn
 
   def train_batches(self, start_step: int) -> Iterator[Dict[str, np.ndarray]]:

@@ -141,11 +141,14 @@ class Parallel:
         local, tiled=True))
 
   # --- compilation -------------------------------------------------------
-  def compile(self, step_fn: Callable, donate_first: bool = False, **static) -> Callable:
+  def compile(self, step_fn: Callable, donate_first: bool = False,
+              compiler_options: Optional[Dict[str, Any]] = None, **static) -> Callable:
     """Compiles `step_fn(first, batch, other, **static)`.
 
     `first` and `other` are replicated (state, rng or confusion matrix) and
-    `batch` is sharded; outputs are replicated.
+    `batch` is sharded; outputs are replicated. `compiler_options` (XLA
+    debug options, e.g. segjax.models.remat.KEEP_REMAT) apply under jit;
+    jax.pmap takes none, so under pmap they are left out.
     """
     donate = (0,) if donate_first else ()
     if self.mode == "pmap":
@@ -157,5 +160,5 @@ class Parallel:
       return jax.pmap(fn, axis_name=PMAP_AXIS, donate_argnums=donate,
                       devices=self.local_devices if subset else None)
     fn = functools.partial(step_fn, **static)
-    return jax.jit(fn, donate_argnums=donate,
-                   out_shardings=self.replicated)
+    return jax.jit(fn, donate_argnums=donate, out_shardings=self.replicated,
+                   compiler_options=compiler_options)

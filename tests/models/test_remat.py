@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import tiny_config
 from segjax import models
 from segjax.models.detection.mask_rcnn import TINY, MaskRCNN
 from segjax.models.remat import KEEP_REMAT
+from segjax.train import loop
 
 # Small variants of each family with a remat option (name, options, size).
 FAMILIES = {
@@ -100,3 +102,21 @@ def test_remat_lowers_xla_peak_memory():
 
   plain, remat = temp_bytes(False), temp_bytes(True)
   assert remat < 0.6 * plain, (remat, plain)
+
+
+def test_segjax_train_compiles_its_step_with_remat_kept(shapes_dir, tmp_path):
+  """`segjax train` with model_kwargs.remat=True compiles its train step as
+  an accelerator would (KEEP_REMAT): the step's scratch shrinks on CPU too
+  (measured 6.9 MB -> 3.3 MB; without KEEP_REMAT 7.0 MB, no saving)."""
+  def temp_bytes(remat):
+    config = tiny_config(shapes_dir, "model_kwargs.base_width=8",
+                         f"model_kwargs.remat={remat}")
+    with loop.Trainer(config, str(tmp_path / str(remat)),
+                      devices=jax.devices()[:1]) as trainer:
+      state, _ = trainer.initial_state()
+      batch = trainer.par.put_batch(next(iter(trainer.train_batches(0))))
+      compiled = trainer.train_fn.lower(state, batch, jax.random.PRNGKey(0)).compile()
+      return compiled.memory_analysis().temp_size_in_bytes
+
+  plain, remat = temp_bytes(False), temp_bytes(True)
+  assert remat < 0.7 * plain, (remat, plain)
