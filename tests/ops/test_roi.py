@@ -268,7 +268,8 @@ def test_matches_torchvision(data):
   rois = torch.from_numpy(np.concatenate([bidx[:, None].astype(np.float32), boxes], 1))
   # Two (output size, scale) pairs: each is its own argument of the same code.
   for out, scale in (((2, 3), 1.0), ((7, 7), 0.5)):
-    for sr, aligned in ((-1, False), (0, True), (1, True), (2, False), (3, True)):
+    # Adaptive sampling (ratio <= 0) and a fixed ratio, each alignment.
+    for sr, aligned in ((-1, False), (0, True), (2, False), (3, True)):
       want = tvo.roi_align(ft, rois, out, scale, sr, aligned).permute(0, 2, 3, 1).numpy()
       for impl in ("gather", "einsum"):
         got = roi_align(feats, boxes, bidx, out, scale, sr, aligned,
