@@ -96,10 +96,11 @@ def apply_gradients(state: TrainState, grads, loss: jax.Array, batch_stats, *,
   params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
                                      for p in jax.tree_util.tree_leaves(params)]))
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
-  kept = jax.lax.cond(finite, lambda: (params, batch_stats, opt_state),
-                      lambda: (state.params, state.batch_stats, state.opt_state))
+  params, batch_stats, opt_state = jax.lax.cond(
+      finite, lambda: (params, batch_stats, opt_state),
+      lambda: (state.params, state.batch_stats, state.opt_state))
   new_state = state.replace(
-      step=state.step + 1, params=kept[0], batch_stats=kept[1], opt_state=kept[2],
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
       nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
   step_metrics = dict(loss=loss, grad_norm=grad_norm,
                       learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
