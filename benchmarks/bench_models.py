@@ -64,14 +64,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+# timing first: it loads torchvision before segjax loads TensorFlow.
+from timing import compile_jax, fmt, median_time, peak_flops, peak_memory_mb, write_rows
 from segjax import losses, models
 from segjax.data import mask_crops
 from segjax.models.detection import mask_rcnn
 from segjax.tasks import instance, semantic
 from segjax.train import optim, steps
 from segjax.train.state import init_state
-
-from timing import compile_jax, fmt, median_time, peak_flops, peak_memory_mb, write_rows
 
 
 def _torchvision(builder):

@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+# timing first: it loads torchvision before segjax loads TensorFlow.
+from timing import fmt, median_time, peak_flops, peak_memory_mb
 from segjax import losses, models
 from segjax.tasks import semantic
 from segjax.train import optim, parallel, steps
 from segjax.train.state import init_state
 
-from timing import fmt, median_time, peak_flops, peak_memory_mb
 
 def bench_segjax(args):
   par = parallel.Parallel("jit", parallel.make_mesh())

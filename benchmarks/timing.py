@@ -3,11 +3,22 @@
 The benchmark scripts run as `python benchmarks/<name>.py`, which puts this
 folder on sys.path, so they `import timing`.
 """
+import importlib
 import resource
 import statistics
 import time
 
-import jax
+# torchvision (where installed) loads before TensorFlow, which segjax's input
+# pipeline imports: loaded after it, torchvision's LLVM options clash with
+# TensorFlow's and the process dies (bench_models.py did, at its first
+# torchvision row). So the benchmarks import this module before segjax.
+for _module in ("torch", "torchvision"):
+  try:
+    importlib.import_module(_module)
+  except ImportError:
+    pass
+
+import jax  # noqa: E402
 
 # Dense peak FLOP/s per device, for MFU (bfloat16 / float32 tensor-core rates).
 PEAK_FLOPS = {
