@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# timing first: it loads torchvision before segjax loads TensorFlow.
+from timing import compile_jax, median_time
 from segjax import ops
 from segjax.data.builders.shapes import generate_scene
-
-from timing import compile_jax, median_time
 
 try:
   import torch

@@ -6,17 +6,21 @@ folder on sys.path, so they `import timing`.
 import importlib
 import resource
 import statistics
+import sys
 import time
 
 # torchvision (where installed) loads before TensorFlow, which segjax's input
 # pipeline imports: loaded after it, torchvision's LLVM options clash with
 # TensorFlow's and the process dies (bench_models.py did, at its first
-# torchvision row). So the benchmarks import this module before segjax.
-for _module in ("torch", "torchvision"):
-  try:
-    importlib.import_module(_module)
-  except ImportError:
-    pass
+# torchvision row). So the benchmarks that compare against PyTorch import
+# this module before segjax; where TensorFlow came first, loading it here
+# would be that crash, so it is left to the benchmark that needs it.
+if "tensorflow" not in sys.modules:
+  for _module in ("torch", "torchvision"):
+    try:
+      importlib.import_module(_module)
+    except ImportError:
+      pass
 
 import jax  # noqa: E402
 
