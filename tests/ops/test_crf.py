@@ -99,16 +99,18 @@ def test_grads_vmap_and_errors(small):
                                        bilateral_compat=c, method=method))
     check_grads(f, (u, jnp.float32(3.0)), order=1, modes=["rev"],
                               atol=1e-2, rtol=1e-2)
-  batched = jax.vmap(lambda x, i: dense_crf(x, i, num_iters=2))(u[None], im[None])
-  np.testing.assert_allclose(batched[0], dense_crf(u, im, num_iters=2), atol=1e-6)
+  crf = jax.jit(lambda x, i: dense_crf(x, i, num_iters=2))
+  batched = jax.jit(jax.vmap(crf))(u[None], im[None])
+  np.testing.assert_allclose(batched[0], crf(u, im), atol=1e-6)
   # Fast path: a batch of two images (one lattice for both) and vmap (every
   # lattice capacity runs) give the per-image results.
   u2 = jnp.stack([logits, logits[::-1, ::-1]])
   im2 = jnp.stack([image, 255 - image])
-  fast = lambda x, i: dense_crf(x, i, num_iters=2, method="fast")
+  fast = jax.jit(lambda x, i: dense_crf(x, i, num_iters=2, method="fast"))
   single = np.concatenate([fast(u2[b:b + 1], im2[b:b + 1]) for b in range(2)])
-  np.testing.assert_allclose(jax.jit(fast)(u2, im2), single, atol=1e-5)
-  np.testing.assert_allclose(jax.vmap(fast)(u2[:, None], im2[:, None])[:, 0], single, atol=1e-5)
+  np.testing.assert_allclose(fast(u2, im2), single, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(jax.vmap(fast))(u2[:, None], im2[:, None])[:, 0], single,
+                             atol=1e-5)
   with pytest.raises(ConfigError):
     dense_crf(u, im[..., :2])
   with pytest.raises(ConfigError):

@@ -1,4 +1,5 @@
 """roi_align / roi_pool / multilevel_roi_align vs numpy loops and torchvision."""
+import functools
 import math
 
 import numpy as np
@@ -177,12 +178,14 @@ def test_roi_align_grads_vmap(data):
     check_grads(f, (jnp.asarray(feats[:, :9, :9, :1]), jnp.asarray(b)), order=1, modes=["rev"],
                 atol=5e-2, rtol=5e-2, eps=1e-2)
   # Gradients of both implementations agree.
-  grads = [jax.grad(lambda ft, bx: jnp.sum(roi_align(ft, bx, i, 3, 1.0, 0, False, impl=m) ** 2),
-                    argnums=(0, 1))(feats, b) for m in ("gather", "einsum")]
+  grads = [jax.jit(jax.grad(
+      lambda ft, bx: jnp.sum(roi_align(ft, bx, i, 3, 1.0, 0, False, impl=m) ** 2),
+      argnums=(0, 1)))(feats, b) for m in ("gather", "einsum")]
   for a, c in zip(*grads):
     np.testing.assert_allclose(a, c, atol=1e-4)
-  batched = jax.vmap(lambda bx: roi_align(feats, bx, i, 2, 1.0, 2))(np.stack([b, b + 1]))
-  np.testing.assert_allclose(batched[1], roi_align(feats, b + 1, i, 2, 1.0, 2), atol=1e-6)
+  one = jax.jit(lambda bx: roi_align(feats, bx, i, 2, 1.0, 2))
+  batched = jax.jit(jax.vmap(one))(np.stack([b, b + 1]))
+  np.testing.assert_allclose(batched[1], one(b + 1), atol=1e-6)
 
 
 def test_roi_align_chunked_equals_unchunked(data, monkeypatch):
@@ -272,8 +275,10 @@ def test_matches_torchvision(data):
     for sr, aligned in ((-1, False), (0, True), (2, False), (3, True)):
       want = tvo.roi_align(ft, rois, out, scale, sr, aligned).permute(0, 2, 3, 1).numpy()
       for impl in ("gather", "einsum"):
-        got = roi_align(feats, boxes, bidx, out, scale, sr, aligned,
-                        max_sampling_ratio=12, impl=impl)
+        got = jax.jit(functools.partial(roi_align, output_size=out, spatial_scale=scale,
+                                        sampling_ratio=sr, aligned=aligned,
+                                        max_sampling_ratio=12, impl=impl))(
+                                            feats, boxes, bidx)
         np.testing.assert_allclose(got, want, atol=TORCHVISION_ROI_ALIGN_ATOL)
     want = tvo.roi_pool(ft, rois, out, scale).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(roi_pool(feats, boxes, bidx, out, scale), want)
@@ -294,6 +299,8 @@ def test_matches_torchvision(data):
   x = OrderedDict((str(k), torch.from_numpy(a).permute(0, 3, 1, 2)) for k, a in enumerate(fl))
   want = m(x, [torch.from_numpy(b[bi == k]) for k in range(2)], [img, img])
   for impl in ("gather", "einsum"):
-    got = multilevel_roi_align(fl, b, bi, 7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2, impl=impl)
+    got = jax.jit(functools.partial(multilevel_roi_align, output_size=7,
+                                    spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
+                                    sampling_ratio=2, impl=impl))(fl, b, bi)
     np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(),
                                atol=TORCHVISION_ROI_ALIGN_ATOL)

@@ -82,10 +82,12 @@ def test_matches_torch():
   F = torch.nn.functional
   x = np.random.RandomState(3).randn(2, 9, 7, 4).astype(np.float32)
   xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+  pool = jax.jit(max_pool_with_argmax, static_argnums=(1, 2, 3))
+  unpool = jax.jit(max_unpool, static_argnums=2)
   for window, stride, padding in CASES:
     tv, ti = F.max_pool2d(xt, window, stride, padding, return_indices=True)
-    v, i = max_pool_with_argmax(x, window, stride, padding)
+    v, i = pool(x, window, stride, padding)
     np.testing.assert_array_equal(v, tv.permute(0, 2, 3, 1).numpy())
     np.testing.assert_array_equal(i, ti.permute(0, 2, 3, 1).numpy())
     up = F.max_unpool2d(tv, ti, window, stride, padding, output_size=(9, 7))
-    np.testing.assert_array_equal(max_unpool(v, i, (9, 7)), up.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(unpool(v, i, (9, 7)), up.permute(0, 2, 3, 1).numpy())
