@@ -114,6 +114,8 @@ def _kill_once(shapes_dir, workdir, kind, rng):
     eval        just after a step that is followed by an evaluation
     checkpoint  as soon as an async checkpoint write has begun (its
                 temporary directory exists and has not been renamed yet)
+    sigterm     a preemption notice (SIGTERM, not SIGKILL) after a random
+                logged step: the run saves where it is and exits cleanly
   """
   process = subprocess.Popen(_command(shapes_dir, workdir, *KILL_RUN), env=_env(2),
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -129,10 +131,26 @@ def _kill_once(shapes_dir, workdir, kind, rng):
     _wait_for(lambda: _temporary_checkpoint(workdir), process, poll=0.001)
   else:
     every = 8 if kind == "eval" else 2
-    target = rng.choice(range(start + every - start % every, 41, every))
+    # A notice needs a step after it to be acted on: not in the last ones.
+    last = 36 if kind == "sigterm" else 40
+    target = rng.choice(range(start + every - start % every, last + 1, every))
     _wait_for(lambda: out.has(f"step {target:>6d}/40"), process, poll=0.001)
     time.sleep(rng.uniform(0, 0.05))
   assert process.poll() is None, f"the run ended before the {kind} kill"
+  if kind == "sigterm":
+    process.send_signal(signal.SIGTERM)
+    errors = []  # drained while it saves, so a full pipe cannot stall it
+    drain = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)
+    drain.start()
+    code = process.wait(timeout=120)
+    drain.join()
+    assert code == 0, errors[0][-3000:]
+    out.thread.join()
+    saved = [int(m) for line in out.lines
+             for m in re.findall(r"preempted: saved checkpoint at step (\d+)", line)]
+    assert len(saved) == 1 and saved[0] > start, out.lines[-5:]
+    assert str(saved[0]) in os.listdir(os.path.join(workdir, "checkpoints"))
+    return start
   process.send_signal(signal.SIGKILL)
   process.wait()
   if kind == "checkpoint":  # killed mid-write: the write was left unfinished
@@ -143,7 +161,8 @@ def _kill_once(shapes_dir, workdir, kind, rng):
 def test_killed_anywhere_resumes_to_the_same_parameters(shapes_dir, reference,
                                                         tmp_path):
   rng = random.Random(8)
-  kinds = ["checkpoint", "eval", "step"]  # each kind of moment once, in a random order
+  # Each kind of moment once, in a random order.
+  kinds = ["checkpoint", "eval", "step", "sigterm"]
   rng.shuffle(kinds)
   starts = [_kill_once(shapes_dir, tmp_path, kind, rng) for kind in kinds]
   out = _run(_command(shapes_dir, tmp_path, *KILL_RUN), devices=2).stdout
@@ -156,21 +175,6 @@ def test_killed_anywhere_resumes_to_the_same_parameters(shapes_dir, reference,
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
   # Every logged loss and evaluation, each once, bit for bit.
   assert _rows(tmp_path) == _rows(reference)
-
-
-def test_sigterm_saves_and_exits_cleanly(shapes_dir, tmp_path):
-  command = _command(shapes_dir, tmp_path, "--config.train.steps=400",
-                     "--config.checkpoint.every_steps=1000",
-                     "--config.eval.every_steps=1000")
-  process = subprocess.Popen(command, env=_env(8), cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-  _wait_for((tmp_path / "metrics.jsonl").exists, process)  # training is under way
-  process.send_signal(signal.SIGTERM)
-  out, err = process.communicate(timeout=120)
-  assert process.returncode == 0, err[-3000:]
-  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
-  assert len(steps) == 1 and 0 < steps[0] < 400
-  assert f"preempted: saved checkpoint at step {steps[0]}" in out
 
 
 def _free_port():
