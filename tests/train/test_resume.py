@@ -102,6 +102,11 @@ def _rows(workdir):
   return rows
 
 
+def _preempted_steps(out):
+  """The steps a run's stdout says a preemption notice saved at."""
+  return [int(m) for m in re.findall(r"preempted: saved checkpoint at step (\d+)", out)]
+
+
 def _temporary_checkpoint(workdir):
   directory = os.path.join(workdir, "checkpoints")
   return os.path.isdir(directory) and any("tmp" in d for d in os.listdir(directory))
@@ -148,8 +153,7 @@ def _kill_once(shapes_dir, workdir, kind, rng):
     drain.join()
     assert code == 0, errors[0][-3000:]
     out.thread.join()
-    saved = [int(m) for line in out.lines
-             for m in re.findall(r"preempted: saved checkpoint at step (\d+)", line)]
+    saved = _preempted_steps("".join(out.lines))
     assert len(saved) == 1 and saved[0] > start, out.lines[-5:]
     assert str(saved[0]) in os.listdir(os.path.join(workdir, "checkpoints"))
     return start, saved[0]
@@ -220,8 +224,7 @@ def test_two_processes_preempted_and_resumed_match_one(shapes_dir, tmp_path):
   processes = start(400, "--config.eval.every_steps=1000")
   _wait_for((two / "metrics.jsonl").exists, processes[0])  # under way
   processes[1].send_signal(signal.SIGTERM)
-  stopped = [int(m) for out in outputs(processes)
-             for m in re.findall(r"preempted: saved checkpoint at step (\d+)", out)]
+  stopped = [step for out in outputs(processes) for step in _preempted_steps(out)]
   assert len(stopped) == 2 and stopped[0] == stopped[1], stopped
   step = stopped[0]
   assert 0 < step < 400
